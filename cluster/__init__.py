@@ -1,0 +1,1 @@
+"""The Ray cluster side: loopback multi-node clusters, job submission, manifests (issue 7)."""

@@ -1,0 +1,105 @@
+"""The Distiller interface: one stage's trainable modules and its named loss terms.
+
+`forward_train` returns the student logits and a dict of *unweighted* terms; the trainer
+multiplies each by `weights[term]`, sums, steps and logs every term. Frozen sources (the
+teacher, assistants) run in eval mode under `torch.no_grad()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from kd_core.models.base import StagedModel
+
+
+@dataclasses.dataclass
+class MethodParams:
+    """Base of every method's hyperparameters; subclasses add fields with defaults."""
+
+    def weights(self) -> dict[str, float]:
+        """The loss weights, by term name: every field named `w_<term>`."""
+        return {
+            f.name[2:]: float(getattr(self, f.name))
+            for f in dataclasses.fields(self)
+            if f.name.startswith("w_")
+        }
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ValueError on an invalid value; subclasses extend it."""
+        for term, weight in self.weights().items():
+            if weight < 0:
+                raise ValueError(f"w_{term} must be >= 0, got {weight}")
+
+
+class Distiller(nn.Module):
+    """Base class: holds the student and the frozen sources of one stage."""
+
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    #: Roles of the frozen source stages this method needs, largest first.
+    source_roles: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self, student: StagedModel, sources: Sequence[StagedModel], params: MethodParams
+    ) -> None:
+        super().__init__()
+        if len(sources) != len(self.source_roles):
+            raise ValueError(
+                f"{type(self).__name__} needs sources {self.source_roles}, got {len(sources)}"
+            )
+        self.student = student
+        self.sources = nn.ModuleList(sources)
+        self.params = params
+        for source in self.sources:
+            source.requires_grad_(False)
+            source.eval()
+
+    @classmethod
+    def make_params(cls, values: dict[str, Any] | None = None) -> MethodParams:
+        """The method's params from a dict; unknown names raise a ValueError naming them."""
+        values = dict(values or {})
+        known = [f.name for f in dataclasses.fields(cls.Params)]
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"unknown parameter {', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+            )
+        return cls.Params(**values)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        for source in self.sources:
+            source.eval()  # frozen sources never leave eval mode
+        return self
+
+    def trainable_modules(self) -> list[nn.Module]:
+        """Modules whose parameters the optimizer updates."""
+        return [self.student]
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return self.params.weights()
+
+    @torch.no_grad()
+    def source_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [source(images) for source in self.sources]
+
+    def forward_train(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits of the deployable model."""
+        return self.student(images)
+
+    def deployable(self) -> nn.Module:
+        """The module exported after training (the student, for most methods)."""
+        return self.student

@@ -1,0 +1,45 @@
+"""Vanilla KD (Hinton et al. 2015): w_ce * CE + w_kd * KD_T from one frozen teacher."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.registry import DISTILLERS
+from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+
+
+@dataclasses.dataclass
+class KDParams(MethodParams):
+    T: float = 4.0
+    w_ce: float = 0.1
+    w_kd: float = 0.9
+    kl_reduction: str = "batchmean"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.T <= 0:
+            raise ValueError(f"T must be > 0, got {self.T}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(
+                f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
+            )
+
+
+@DISTILLERS.register("kd")
+class KDDistiller(Distiller):
+    Params = KDParams
+    source_roles = ("teacher",)
+
+    def forward_train(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        (teacher_logits,) = self.source_logits(images)
+        logits = self.student(images)
+        p = self.params
+        return logits, {
+            "ce": cross_entropy(logits, labels),
+            "kd": kd_loss(logits, teacher_logits, p.T, p.kl_reduction),
+        }

@@ -1,0 +1,7 @@
+"""Staged models. Importing this package registers every family."""
+
+from kd_core.models import convnet  # noqa: F401  (registers the family)
+from kd_core.models.base import Head, StagedModel
+from kd_core.models.registry import MODELS, build_model, check_model_args, model_arg_names
+
+__all__ = ["MODELS", "Head", "StagedModel", "build_model", "check_model_args", "model_arg_names"]

@@ -1,0 +1,175 @@
+"""The core training function: one stage, epochs, eval each epoch, checkpoints, callbacks.
+
+Pure PyTorch. The Tune trainable and plain scripts share it: per-epoch results reach the
+caller through `callback(EpochReport)`, which may save a checkpoint with `report.save(dir)`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_core.data.base import Dataset, Split, batches
+from kd_core.distillers.base import Distiller
+from kd_core.recipes import Recipe
+
+CHECKPOINT_FILE = "train_state.pt"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class EpochReport:
+    epoch: int  # 1-based, completed epochs
+    metrics: dict[str, float]
+    is_last: bool
+    _state: Callable[[], dict[str, Any]] = field(repr=False)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write a resumable checkpoint of the state after this epoch into `directory`."""
+        path = Path(directory) / CHECKPOINT_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self._state(), path)
+        return path
+
+
+@dataclass
+class FitResult:
+    best_epoch: int
+    metrics: dict[str, float]  # the last epoch's metrics, test included
+    best_state: dict[str, torch.Tensor]  # deployable model at the best val epoch
+    epochs_run: int
+
+
+def load_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Load a checkpoint written by `EpochReport.save` without unpickling objects."""
+    return torch.load(Path(directory) / CHECKPOINT_FILE, weights_only=True, map_location="cpu")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
+    """(mean CE loss, accuracy) of `model` on a split."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for images, labels in batches(split, batch_size):
+        logits = model(images)
+        total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
+        correct += (logits.argmax(1) == labels).sum().item()
+    model.train(was_training)
+    return total_loss / len(split), correct / len(split)
+
+
+def _trainable_state(distiller: Distiller) -> dict[str, torch.Tensor]:
+    # Frozen sources are rebuilt from the stage store, not checkpointed per trial.
+    return {k: v for k, v in distiller.state_dict().items() if not k.startswith("sources.")}
+
+
+def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone().cpu() for k, v in state.items()}
+
+
+def fit(
+    distiller: Distiller,
+    data: Dataset,
+    recipe: Recipe,
+    *,
+    seed: int = 0,
+    callback: Callable[[EpochReport], None] | None = None,
+    resume: dict[str, Any] | None = None,
+) -> FitResult:
+    """Train `distiller` for `recipe.epochs` epochs on `data` (already on its device).
+
+    Each epoch: one pass over train, then val; the best epoch is the highest val accuracy
+    (ties: lower val loss). The last epoch also reports test metrics of the best-epoch
+    and last-epoch models. `resume` is a checkpoint from `load_checkpoint`.
+    """
+    parameters = [p for m in distiller.trainable_modules() for p in m.parameters()]
+    optimizer = recipe.make_optimizer(parameters)
+    scheduler = recipe.make_scheduler(optimizer)
+    weights = distiller.weights
+    deployable = distiller.deployable()
+    start_epoch = 0
+    best: dict[str, Any] = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "state": None}
+
+    if resume is not None:
+        distiller.load_state_dict(resume["model"], strict=False)
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        torch.set_rng_state(resume["rng"])
+        start_epoch = int(resume["epoch"])
+        best = dict(resume["best"])
+
+    metrics: dict[str, float] = {}
+    for epoch in range(start_epoch + 1, recipe.epochs + 1):
+        started = time.perf_counter()
+        distiller.train()
+        shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        sums: dict[str, float] = {}
+        seen, correct = 0, 0
+        for images, labels in batches(data.train, recipe.batch_size, shuffle):
+            logits, terms = distiller.forward_train(images, labels)
+            loss = sum(weights.get(name, 0.0) * term for name, term in terms.items())
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            n = len(labels)
+            seen += n
+            correct += (logits.detach().argmax(1) == labels).sum().item()
+            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
+            for name, term in terms.items():
+                key = f"train_loss_{name}"
+                sums[key] = sums.get(key, 0.0) + term.item() * n
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step()
+        metrics = {k: v / seen for k, v in sums.items()}
+        if not math.isfinite(metrics["train_loss"]):
+            raise NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {epoch}")
+        val_loss, val_acc = evaluate(deployable, data.val)
+        if val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"]):
+            best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
+                    "state": _clone(deployable.state_dict())}
+        metrics.update(
+            train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
+            val_acc_best=best["val_acc"], val_loss_best=best["val_loss"],
+            best_epoch=float(best["epoch"]), lr=lr,
+            epoch_time=time.perf_counter() - started,
+        )
+        is_last = epoch == recipe.epochs
+        if is_last:
+            metrics.update(_test_metrics(deployable, best["state"], data.test))
+
+        def state(epoch: int = epoch, best: dict[str, Any] = best) -> dict[str, Any]:
+            return {
+                "epoch": epoch, "model": _trainable_state(distiller),
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "rng": torch.get_rng_state(), "best": best,
+            }
+
+        if callback is not None:
+            callback(EpochReport(epoch, dict(metrics), is_last, state))
+
+    if best["state"] is None:  # resumed after the last epoch
+        best["state"] = _clone(deployable.state_dict())
+    return FitResult(int(best["epoch"]), metrics, best["state"], recipe.epochs - start_epoch)
+
+
+def _test_metrics(
+    deployable: nn.Module, best_state: dict[str, torch.Tensor], test: Split
+) -> dict[str, float]:
+    test_loss_last, test_acc_last = evaluate(deployable, test)
+    best_model = copy.deepcopy(deployable)
+    best_model.load_state_dict(best_state)
+    test_loss, test_acc = evaluate(best_model, test)
+    return {"test_acc": test_acc, "test_loss": test_loss,
+            "test_acc_last": test_acc_last, "test_loss_last": test_loss_last}

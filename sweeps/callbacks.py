@@ -1,0 +1,129 @@
+"""Tune callbacks on the driver: live progress, and terminal statuses for trial runs."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ray.tune import Callback
+from ray.tune.experiment import Trial
+from rich.console import Console
+from rich.live import Live
+from rich.text import Text
+
+from sweeps.tracking import TAG_TRIAL, Tracker
+
+
+def trial_outcome(trial: Trial, epochs: int, errored: bool) -> tuple[str, str | None]:
+    """(MLflow status, reason) for a trial that Tune has ended."""
+    if errored:
+        return "FAILED", "trial raised an error (see the Tune trial's error file)"
+    done = (trial.last_result or {}).get("training_iteration", 0)
+    if done < epochs:
+        return "KILLED", f"stopped early by the scheduler after {done} of {epochs} epochs"
+    return "FINISHED", None
+
+
+class CloseTrialRuns(Callback):
+    """Gives a trial's child run its terminal status as soon as Tune ends the trial.
+
+    The trial closes its own run where it can; a trial stopped by ASHA or whose process
+    died may not get that far, so the driver does it here.
+    """
+
+    def __init__(self, tracking_uri: str, parent_run_id: str, epochs: int) -> None:
+        # Tune pickles its callbacks with the experiment state: keep only plain values.
+        self.tracking_uri = tracking_uri
+        self.parent_run_id = parent_run_id
+        self.epochs = epochs
+
+    @property
+    def tracker(self) -> Tracker:
+        return Tracker(self.tracking_uri)
+
+    def _close(self, trial: Trial, errored: bool) -> None:
+        status, reason = trial_outcome(trial, self.epochs, errored)
+        tracker = self.tracker
+        for run in tracker.children(self.parent_run_id, "trial"):
+            if run.data.tags.get(TAG_TRIAL) == trial.trial_id:
+                tracker.finish_if_running(run.info.run_id, status, reason)
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._close(trial, errored=False)
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self._close(trial, errored=True)
+
+
+class LiveProgress(Callback):
+    """One live status line: trials done / running / stopped early / failed, best, elapsed."""
+
+    def __init__(self, total: int, epochs: int, metric: str, console: Console) -> None:
+        self.total, self.epochs, self.metric = total, epochs, metric
+        self.started = time.monotonic()
+        self.best: float | None = None
+        self.best_trial = ""
+        self.counts = {"done": 0, "stopped": 0, "failed": 0}
+        self.running: set[str] = set()
+        self.console = console
+        self.live: Live | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles its callbacks with the experiment state; the display is not state.
+        return {k: v for k, v in vars(self).items() if k not in ("console", "live")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state, console=Console(stderr=True), live=None)
+
+    def _render(self) -> Text:
+        elapsed = time.monotonic() - self.started
+        finished = sum(self.counts.values())
+        width = 24
+        filled = int(width * finished / max(self.total, 1))
+        best = f"{self.best:.4f} ({self.best_trial})" if self.best is not None else "-"
+        return Text.assemble(
+            ("sweep ", "bold"), ("█" * filled + "░" * (width - filled), "cyan"),
+            f" {finished}/{self.total} trials | done {self.counts['done']}"
+            f" | running {len(self.running)} | stopped early {self.counts['stopped']}"
+            f" | failed {self.counts['failed']} | best {self.metric} {best}"
+            f" | {elapsed:5.0f}s",
+        )
+
+    def _refresh(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def setup(self, **info: Any) -> None:
+        self.started = time.monotonic()
+        self.live = Live(self._render(), console=self.console, refresh_per_second=2)
+        self.live.start()
+
+    def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.running.add(trial.trial_id)
+        self._refresh()
+
+    def on_trial_result(
+        self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
+    ) -> None:
+        value = result.get(self.metric)
+        if value is not None and (self.best is None or value > self.best):
+            self.best, self.best_trial = value, trial.trial_id
+        self._refresh()
+
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        status, _ = trial_outcome(trial, self.epochs, errored=False)
+        self.counts["done" if status == "FINISHED" else "stopped"] += 1
+        self._refresh()
+
+    def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
+        self.running.discard(trial.trial_id)
+        self.counts["failed"] += 1
+        self._refresh()
+
+    def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
+        self._refresh()
+        if self.live is not None:
+            self.live.stop()
+            if not self.console.is_terminal:
+                self.console.print()  # a static render ends without a newline

@@ -1,0 +1,268 @@
+"""The `kdsweep` command line. User errors print one message and exit with status 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sweeps.spec import NAME_PATTERN, SpecError, load_spec
+from sweeps.tracking import DEFAULT_TRACKING_URI, TAG_SWEEP, Tracker, resolve_tracking_uri
+
+app = typer.Typer(
+    name="kdsweep", no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False,
+    help="Distributed hyperparameter sweeps for knowledge distillation "
+         "(Ray Tune + Optuna + MLflow).",
+)
+out = Console()
+err = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+TrackingUri = Annotated[str | None, typer.Option(
+    "--tracking-uri", help=f"MLflow tracking URI [default: $MLFLOW_TRACKING_URI or "
+                           f"{DEFAULT_TRACKING_URI}]")]
+SweepName = Annotated[str, typer.Argument(help="Sweep name (or spec name: its newest sweep).")]
+
+
+def user_errors(command: F) -> F:
+    """Turn user errors into one line on stderr and exit status 2, without a traceback."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except (SpecError, LookupError) as error:
+            err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _tracker(tracking_uri: str | None, *, reading: bool = False) -> Tracker:
+    """The tracker for a URI; `reading` refuses to create a local store that is absent."""
+    uri = resolve_tracking_uri(tracking_uri)
+    if reading and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+        raise LookupError(f"no sweeps recorded at {uri}")
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        if not db.parent.is_dir():
+            raise SpecError(f"tracking URI {uri}: directory {db.parent} does not exist")
+    elif uri.startswith(("file:", "./", "/")) or "://" not in uri:
+        raise SpecError(f"tracking URI {uri!r}: use sqlite:///PATH, http://HOST:PORT or a "
+                        "database URI (MLflow 3 does not accept file stores)")
+    return Tracker(uri)
+
+
+def _find_sweep(tracker: Tracker, name: str) -> Any:
+    runs = tracker.find_sweeps(name)
+    if not runs:
+        known = sorted({r.data.tags.get(TAG_SWEEP, "") for r in tracker.find_sweeps()})
+        raise LookupError(f"no sweep named {name!r} at {tracker.uri}"
+                          + (f" (known: {', '.join(known)})" if known else ""))
+    return runs[0]
+
+
+@app.command()
+@user_errors
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="Sweep spec (YAML).")],
+    name: Annotated[str | None, typer.Option(help="Sweep name [default: SPEC-NAME-TIMESTAMP].")] = None,
+    num_trials: Annotated[int | None, typer.Option(min=1, help="Override sweep.num_trials.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Override sweep.max_concurrent.")] = None,
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address [default: a local Ray on 127.0.0.2].")] = None,
+    tracking_uri: TrackingUri = None,
+    storage: Annotated[Path, typer.Option(
+        help="Storage root: Tune experiments, stage store, studies, exports.")] = Path("kdsweep_storage"),
+) -> None:
+    """Run a sweep and print the best trial beside the CE-only student."""
+    spec = load_spec(spec_path)
+    overrides = {k: v for k, v in {"num_trials": num_trials, "max_concurrent": max_concurrent}.items()
+                 if v is not None}
+    if overrides:
+        spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update=overrides)})
+    if name is not None and not NAME_PATTERN.match(name):
+        raise SpecError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
+    if storage.exists() and not storage.is_dir():
+        raise SpecError(f"--storage {storage}: not a directory")
+    tracker = _tracker(tracking_uri)
+
+    from sweeps.runner import default_sweep_name, run_sweep  # imports Ray: after validation
+
+    outcome = run_sweep(spec, name=name or default_sweep_name(spec), storage=storage,
+                        tracking_uri=tracker.uri, address=address, console=err)
+    _print_outcome(outcome)
+
+
+def _print_outcome(outcome: Any) -> None:
+    best, plan = outcome.best, outcome.best_plan
+    table = Table(title=f"sweep {outcome.name}: {len(outcome.trials)} trials in "
+                        f"{outcome.seconds:.0f}s")
+    for column in ("model", "method", "val acc", "test acc", "params"):
+        table.add_column(column)
+    if outcome.teacher_metrics:
+        m = outcome.teacher_metrics
+        table.add_row("teacher", "ce", f"{m['val_acc_best']:.4f}", f"{m['test_acc']:.4f}", "")
+    m = outcome.baseline_metrics
+    table.add_row("student, CE only", "ce", f"{m['val_acc_best']:.4f}", f"{m['test_acc']:.4f}",
+                  "same architecture and recipe")
+    settings = ", ".join(f"{k}={_short(v)}" for k, v in best.sampled.items())
+    table.add_row(f"student, best trial {best.trial_id}", plan.method,
+                  f"{best.metrics['val_acc_best']:.4f}", f"{outcome.export.test_acc:.4f}", settings)
+    out.print(table)
+    delta = outcome.export.test_acc - m["test_acc"]
+    out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
+    out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version}); "
+              f"files: {outcome.export.directory}")
+    out.print(f"pull it: kdsweep pull {outcome.name} --to DIR")
+
+
+def _short(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+@app.command()
+@user_errors
+def best(
+    name: SweepName,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """The best trial of a sweep: config, metrics, model URI."""
+    tracker = _tracker(tracking_uri, reading=True)
+    sweep = _find_sweep(tracker, name)
+    tags = sweep.data.tags
+    run_id = tags.get("kdsweep.best_run_id")
+    if not run_id:
+        raise LookupError(f"sweep {tags.get(TAG_SWEEP)!r} has no best trial yet "
+                          f"(status {sweep.info.status})")
+    trial = tracker.client.get_run(run_id)
+    summary = {
+        "sweep": tags.get(TAG_SWEEP), "status": sweep.info.status,
+        "trial_id": tags.get("kdsweep.best_trial_id"), "run_id": run_id,
+        "params": trial.data.params,
+        "metrics": {k: trial.data.metrics.get(k) for k in ("val_acc_best", "test_acc", "best_epoch")},
+        "sweep_metrics": sweep.data.metrics,
+        "model_uri": tags.get("kdsweep.model_uri"), "model_version": tags.get("kdsweep.model_version"),
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    out.print(f"sweep {summary['sweep']} ({summary['status']}): best trial {summary['trial_id']}"
+              f" (run {run_id})")
+    for key, value in summary["metrics"].items():
+        out.print(f"  {key} = {value}")
+    out.print(f"  baseline_test_acc = {sweep.data.metrics.get('baseline_test_acc')}")
+    for key, value in sorted(trial.data.params.items()):
+        out.print(f"  {key}: {value}")
+    out.print(f"  model: {summary['model_uri']} (version {summary['model_version']})")
+
+
+@app.command()
+@user_errors
+def pull(
+    name: SweepName,
+    to: Annotated[Path, typer.Option("--to", help="Directory for the student files.")],
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Copy the best student's files (state dict, TorchScript, metadata) into a directory."""
+    import mlflow.artifacts
+
+    tracker = _tracker(tracking_uri, reading=True)
+    sweep = _find_sweep(tracker, name)
+    if "kdsweep.model_uri" not in sweep.data.tags:
+        raise LookupError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
+    if to.exists() and not to.is_dir():
+        raise SpecError(f"--to {to}: not a directory")
+    to.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=sweep.info.run_id, artifact_path="export", dst_path=tmp,
+            tracking_uri=tracker.uri,
+        )
+        for path in sorted(Path(local).iterdir()):
+            shutil.copy2(path, to / path.name)
+            out.print(f"{to / path.name}")
+
+
+@app.command()
+@user_errors
+def status(
+    name: Annotated[str | None, typer.Argument(help="A sweep: list its trials.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """List sweeps with trial counts and best so far, or one sweep's trials."""
+    tracker = _tracker(tracking_uri, reading=True)
+    if name is None:
+        sweeps = tracker.find_sweeps()
+        table = Table(title=f"sweeps at {tracker.uri}")
+        for column in ("sweep", "status", "trials", "finished", "stopped", "failed", "running",
+                       "best val acc"):
+            table.add_column(column)
+        for sweep in sweeps:
+            trials = tracker.children(sweep.info.run_id, "trial")
+            count = {s: sum(t.info.status == s for t in trials)
+                     for s in ("FINISHED", "KILLED", "FAILED", "RUNNING")}
+            best_val = max((t.data.metrics.get("val_acc_best", 0.0) for t in trials), default=None)
+            table.add_row(sweep.data.tags.get(TAG_SWEEP, ""), sweep.info.status, str(len(trials)),
+                          *(str(count[s]) for s in count),
+                          f"{best_val:.4f}" if best_val is not None else "-")
+        out.print(table)
+        return
+    sweep = _find_sweep(tracker, name)
+    table = Table(title=f"sweep {sweep.data.tags.get(TAG_SWEEP)} ({sweep.info.status})")
+    for column in ("trial", "status", "method", "epochs", "val acc", "test acc", "params"):
+        table.add_column(column)
+    for trial in sorted(tracker.children(sweep.info.run_id, "trial"),
+                        key=lambda r: r.info.start_time):
+        params = trial.data.params
+        shown = ", ".join(f"{k}={params[k]}" for k in ("T", "w_ce", "w_kd", "kl_reduction",
+                                                        "recipe.lr") if k in params)
+        metrics = trial.data.metrics
+        table.add_row(
+            trial.data.tags.get("kdsweep.trial_id", ""), trial.info.status, params.get("method", ""),
+            str(_epochs(tracker, trial.info.run_id)),
+            f"{metrics.get('val_acc_best', float('nan')):.4f}",
+            f"{metrics['test_acc']:.4f}" if "test_acc" in metrics else "-", shown,
+        )
+    out.print(table)
+
+
+def _epochs(tracker: Tracker, run_id: str) -> int:
+    return len(tracker.client.get_metric_history(run_id, "val_acc"))
+
+
+@app.command()
+@user_errors
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help="Port on 127.0.0.1.")] = 5000,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Start the MLflow UI on 127.0.0.1 over the tracking store."""
+    tracker = _tracker(tracking_uri)
+    if tracker.uri.startswith(("http://", "https://")):
+        out.print(f"the tracking server already serves its UI: {tracker.uri}")
+        return
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracker.uri,
+               "--host", "127.0.0.1", "--port", str(port)]
+    out.print(f"MLflow UI on http://127.0.0.1:{port} (Ctrl-C stops it)")
+    os.execv(sys.executable, command)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Best student -> files (state dict, TorchScript, metadata), an MLflow logged model
+registered with the alias `champion`, each verified by reloading it and re-evaluating it
+on the test split.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import mlflow.pytorch
+import torch
+from mlflow.models import infer_signature
+from torch import nn
+
+import kd_core
+from kd_core.data import Dataset
+from kd_core.train import evaluate
+from sweeps.tracking import Tracker
+
+STATE_DICT_FILE = "student_state_dict.pt"
+TORCHSCRIPT_FILE = "student.torchscript.pt"
+META_FILE = "student.json"
+ARTIFACT_DIR = "export"
+ALIAS = "champion"
+
+
+class ExportError(RuntimeError):
+    """A reloaded export does not reproduce the recorded accuracy."""
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    directory: Path
+    test_acc: float
+    num_params: int
+    model_name: str
+    model_version: str
+
+    @property
+    def model_uri(self) -> str:
+        return f"models:/{self.model_name}@{ALIAS}"
+
+
+def _check(what: str, accuracy: float, expected: float) -> None:
+    if abs(accuracy - expected) > 1e-9:
+        raise ExportError(f"{what}: test accuracy {accuracy:.6f} != recorded {expected:.6f}")
+
+
+def export_student(
+    model: nn.Module,
+    data: Dataset,
+    directory: Path,
+    tracker: Tracker,
+    parent_run_id: str,
+    model_name: str,
+    meta: dict[str, Any],
+) -> ExportResult:
+    """Write, log, register and verify the student. `meta` describes how it was made."""
+    model = model.cpu().eval()
+    _, test_acc = evaluate(model, data.test)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    torch.save(model.state_dict(), directory / STATE_DICT_FILE)
+    example = data.test.images[:2]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+        torch.jit.trace(model, example).save(str(directory / TORCHSCRIPT_FILE))
+        _check("TorchScript", evaluate(torch.jit.load(str(directory / TORCHSCRIPT_FILE)),
+                                       data.test)[1], test_acc)
+    num_params = sum(p.numel() for p in model.parameters())
+    info = {
+        **meta, "test_acc": test_acc, "num_params": num_params,
+        "input_shape": list(data.test.images.shape[1:]), "num_classes": data.num_classes,
+        "preprocess": data.preprocess, "files": [STATE_DICT_FILE, TORCHSCRIPT_FILE],
+    }
+    (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str))
+    tracker.client.log_artifacts(parent_run_id, str(directory), ARTIFACT_DIR)
+
+    mlflow.set_tracking_uri(tracker.uri)
+    mlflow.set_registry_uri(tracker.uri)
+    with torch.no_grad():
+        signature = infer_signature(example.numpy(), model(example).numpy())
+    # MLflow warns that pickles are unsafe to load; the safe files are the two above.
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
+    with mlflow.start_run(run_id=parent_run_id):
+        # A pickled nn.Module (with kd_core shipped beside it) loads as a full module that
+        # evaluates at any batch size; MLflow's "pt2" format fixes the example's shapes.
+        logged = mlflow.pytorch.log_model(
+            model, name="student", registered_model_name=model_name, signature=signature,
+            serialization_format="pickle", code_paths=[str(Path(kd_core.__file__).parent)],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+        )
+    version = str(logged.registered_model_version)
+    tracker.client.set_registered_model_alias(model_name, ALIAS, version)
+    reloaded = mlflow.pytorch.load_model(f"models:/{model_name}@{ALIAS}")
+    _check("MLflow model", evaluate(reloaded, data.test)[1], test_acc)
+    return ExportResult(directory, test_acc, num_params, model_name, version)

@@ -1,0 +1,266 @@
+"""Run a sweep: Ray Tune + OptunaSearch (TPE) + ASHA over `train_trial`, tracked in MLflow,
+then export the best student and compare it with the CE-only baseline.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+import torch
+import yaml
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
+from rich.console import Console
+
+from kd_core.stages import StageStore
+from kd_core.train import load_checkpoint
+from sweeps.callbacks import CloseTrialRuns, LiveProgress
+from sweeps.export import ExportResult, export_student
+from sweeps.pipeline import SweepContext, load_dataset, new_model, resolve_stage
+from sweeps.space import SearchSpace, TrialPlan, baseline_stage, resolve_trial, teacher_stage
+from sweeps.spec import SpecError, SweepSpec
+from sweeps.tracking import TAG_SPEC, TAG_STORAGE, TAG_SWEEP, TAG_TRIAL, Tracker
+from sweeps.trainable import train_trial
+
+METRIC = "val_acc_best"  # best-epoch val accuracy: what selection uses everywhere
+LOCAL_NODE_IP = "127.0.0.2"  # keeps a local Ray on loopback
+STUDY_FILE = "study.db"
+
+
+@dataclass(frozen=True)
+class TrialSummary:
+    trial_id: str
+    status: str
+    epochs: int
+    metrics: dict[str, Any]
+    sampled: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    trials: list[TrialSummary]
+    best: TrialSummary
+    best_plan: TrialPlan
+    baseline_metrics: dict[str, float]
+    teacher_metrics: dict[str, float] | None
+    export: ExportResult
+    seconds: float
+
+
+def default_sweep_name(spec: SweepSpec) -> str:
+    return f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# Tune's own console output is replaced by LiveProgress. The snapshot warning fires on
+# every per-epoch checkpoint with num_to_keep=1, which is intended here.
+QUIET_TUNE = {
+    "RAY_AIR_NEW_OUTPUT": "0",
+    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+}
+
+
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    os.environ.update(QUIET_TUNE)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    if ray.is_initialized():
+        return
+    env = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+    else:
+        ray.init(_node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env={"env_vars": env}, log_to_driver=False)
+
+
+def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
+    s = spec.sweep.sampler
+    if s.type == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    return optuna.samplers.TPESampler(
+        seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate,
+        group=s.multivariate, constant_liar=s.constant_liar,
+    )
+
+
+def _scheduler(spec: SweepSpec) -> tune.schedulers.TrialScheduler:
+    s = spec.sweep.scheduler
+    if s.type == "none":
+        return FIFOScheduler()
+    return ASHAScheduler(max_t=spec.recipe.build().epochs, grace_period=s.grace_period,
+                         reduction_factor=s.reduction_factor)
+
+
+def check_new_sweep(tracker: Tracker, name: str, storage: Path) -> None:
+    if any(r.data.tags.get(TAG_SWEEP) == name for r in tracker.find_sweeps(name)):
+        raise SpecError(f"a sweep named {name!r} already exists in {tracker.uri}; "
+                        "choose another --name")
+    if (storage / name).exists():
+        raise SpecError(f"{storage / name} already exists; choose another --name or --storage")
+
+
+def run_sweep(
+    spec: SweepSpec,
+    *,
+    name: str,
+    storage: Path,
+    tracking_uri: str,
+    address: str | None = None,
+    console: Console | None = None,
+) -> SweepOutcome:
+    console = console or Console(stderr=True)
+    started = time.monotonic()
+    storage = storage.resolve()
+    tracker = Tracker(tracking_uri)
+    check_new_sweep(tracker, name, storage)
+    epochs = spec.recipe.build().epochs
+
+    experiment_dir = storage / name
+    experiment_dir.mkdir(parents=True)
+    experiment_id = tracker.experiment_id(spec.tracking.experiment)
+    parent_run_id = tracker.start_sweep(
+        experiment_id, name, {TAG_SPEC: spec.name, TAG_STORAGE: str(storage),
+                              "mlflow.note.content": spec.description},
+    )
+    spec_dump = spec.model_dump(mode="json")
+    tracker.client.log_text(parent_run_id, yaml.safe_dump(spec_dump, sort_keys=False), "spec.yaml")
+    tracker.log_params(parent_run_id, {
+        "spec": spec.name, "num_trials": spec.sweep.num_trials,
+        "max_concurrent": spec.sweep.max_concurrent, "sampler": spec.sweep.sampler.type,
+        "scheduler": spec.sweep.scheduler.type, "metric": METRIC,
+        "search": ",".join(spec.search), "student": spec.student.arch.label(),
+        "teacher": spec.teacher.arch.label() if spec.teacher else "",
+    })
+    context = SweepContext(name, spec_dump, str(storage), tracking_uri, parent_run_id)
+    try:
+        init_ray(address)
+        console.print(f"[bold]kdsweep[/] sweep [cyan]{name}[/]: {spec.sweep.num_trials} trials, "
+                      f"{spec.sweep.max_concurrent} at a time, tracking {tracking_uri}")
+        trainable = tune.with_resources(
+            tune.with_parameters(train_trial, context=context), {"cpu": spec.sweep.cpus_per_trial}
+        )
+        searcher = OptunaSearch(
+            space=SearchSpace(spec), metric=METRIC, mode="max", sampler=_sampler(spec),
+            study_name=name,
+            storage=optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}"),
+        )
+        tuner = tune.Tuner(
+            trainable,
+            tune_config=tune.TuneConfig(
+                metric=METRIC, mode="max", search_alg=searcher, scheduler=_scheduler(spec),
+                num_samples=spec.sweep.num_trials,
+                max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
+            ),
+            run_config=tune.RunConfig(
+                name=name, storage_path=str(storage), verbose=0,
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
+                callbacks=[CloseTrialRuns(tracking_uri, parent_run_id, epochs),
+                           LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)],
+            ),
+        )
+        results = tuner.fit()
+        trials = _summaries(results, epochs)
+        _reconcile(tracker, parent_run_id, trials)
+        outcome = _finish(spec, name, storage, tracker, parent_run_id, results, trials, console)
+    except BaseException as error:
+        for run in tracker.running_children(parent_run_id):
+            tracker.finish(run.info.run_id, "KILLED", "the sweep driver stopped")
+        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        tracker.finish(parent_run_id, status, f"{type(error).__name__}: {error}")
+        raise
+    finally:
+        ray.shutdown()
+    tracker.finish(parent_run_id, "FINISHED")
+    return dataclasses.replace(outcome, seconds=time.monotonic() - started)
+
+
+def _summaries(results: tune.ResultGrid, epochs: int) -> list[TrialSummary]:
+    trials = []
+    for result in results:
+        metrics = dict(result.metrics or {})
+        done = int(metrics.get("training_iteration", 0))
+        if result.error is not None:
+            status = "FAILED"
+        else:
+            status = "FINISHED" if done >= epochs else "KILLED"
+        trial_id = str(metrics.get("trial_id", "?"))  # absent if it failed before a report
+        trials.append(TrialSummary(trial_id, status, done, metrics, dict(result.config or {})))
+    return trials
+
+
+def _reconcile(tracker: Tracker, parent_run_id: str, trials: list[TrialSummary]) -> None:
+    """No child run stays RUNNING: its status follows what Tune says of its trial."""
+    status_of = {t.trial_id: t for t in trials}
+    for run in tracker.running_children(parent_run_id):
+        trial = status_of.get(run.data.tags.get(TAG_TRIAL, ""))
+        status = trial.status if trial else "KILLED"
+        tracker.finish(run.info.run_id, status, "closed by the driver after the sweep")
+
+
+def _best(trials: list[TrialSummary]) -> TrialSummary:
+    complete = [t for t in trials if t.status == "FINISHED"]
+    if not complete:
+        raise RuntimeError("no trial finished; see the failed trials' reasons in MLflow")
+    return max(complete, key=lambda t: (t.metrics[METRIC], -t.metrics["val_loss_best"]))
+
+
+def _finish(
+    spec: SweepSpec, name: str, storage: Path, tracker: Tracker, parent_run_id: str,
+    results: tune.ResultGrid, trials: list[TrialSummary], console: Console,
+) -> SweepOutcome:
+    best = _best(trials)
+    plan = resolve_trial(spec, best.sampled)
+    best_result = next(r for r in results if (r.metrics or {}).get("trial_id") == best.trial_id)
+    with best_result.checkpoint.as_directory() as directory:
+        best_state = load_checkpoint(directory)["best"]["state"]
+    data = load_dataset(spec.data.model_dump())
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+    context = SweepContext(name, spec.model_dump(mode="json"), str(storage), tracker.uri,
+                           parent_run_id)
+    console.print("training the CE-only baseline student (same architecture and recipe)...")
+    baseline, _ = resolve_stage(baseline_stage(spec, plan.recipe), data, context, tracker)
+    teacher = StageStore(storage).get(teacher_stage(spec).key) if spec.teacher else None
+
+    student = new_model(spec.student.arch.model_dump(), data, spec.sweep.seed)
+    student.load_state_dict(best_state)
+    best_run = next(r for r in tracker.children(parent_run_id, "trial")
+                    if r.data.tags.get(TAG_TRIAL) == best.trial_id)
+    export = export_student(
+        student, data, storage / name / "export", tracker, parent_run_id, spec.registered_model,
+        meta={"sweep": name, "trial_id": best.trial_id, "run_id": best_run.info.run_id,
+              "method": plan.method, "params": plan.param_dict(), "arch": spec.student.arch.model_dump(),
+              "recipe": plan.recipe.as_dict(), "val_acc": best.metrics[METRIC]},
+    )
+    counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
+    tracker.log_metrics(parent_run_id, {
+        "best_val_acc": best.metrics[METRIC], "best_test_acc": export.test_acc,
+        "baseline_test_acc": baseline.meta["metrics"]["test_acc"],
+        "baseline_val_acc": baseline.meta["metrics"][METRIC],
+        **({"teacher_test_acc": teacher.meta["metrics"]["test_acc"]} if teacher else {}),
+        "trials_finished": counts["FINISHED"], "trials_stopped_early": counts["KILLED"],
+        "trials_failed": counts["FAILED"], "student_params": export.num_params,
+    }, step=0)
+    tracker.set_tags(parent_run_id, {
+        "kdsweep.best_trial_id": best.trial_id, "kdsweep.best_run_id": best_run.info.run_id,
+        "kdsweep.model_uri": export.model_uri, "kdsweep.model_version": export.model_version,
+        "kdsweep.baseline_run_id": baseline.run_id or "",
+        "kdsweep.teacher_run_id": (teacher.run_id or "") if teacher else "",
+    })
+    return SweepOutcome(
+        name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
+        teacher.meta["metrics"] if teacher else None, export, seconds=0.0,
+    )
+

@@ -1,0 +1,94 @@
+"""Spec -> Optuna define-by-run space, and sampled values -> the trial's resolved plan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+
+from kd_core.distillers import DISTILLERS, MethodParams
+from kd_core.recipes import Recipe
+from kd_core.stages import StageSpec
+from sweeps.spec import ParamSpec, SweepSpec
+
+
+def suggest(trial: optuna.Trial, path: str, param: ParamSpec) -> Any:
+    if param.type == "categorical":
+        return trial.suggest_categorical(path, param.choices)
+    if param.type == "int":
+        step = int(param.step) if param.step else 1
+        return trial.suggest_int(path, int(param.low), int(param.high), step=step, log=param.log)
+    return trial.suggest_float(path, param.low, param.high, step=param.step, log=param.log)
+
+
+class SearchSpace:
+    """The define-by-run function: parameters in spec order, each only when its `when` holds.
+
+    A class rather than a closure because Tune pickles the searcher with its state.
+    """
+
+    def __init__(self, spec: SweepSpec) -> None:
+        self.spec = spec
+
+    def __call__(self, trial: optuna.Trial) -> None:
+        values = self.spec.fixed_values()
+        for path, param in self.spec.search.items():
+            if param.condition_holds(values):
+                values[path] = suggest(trial, path, param)
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """Everything one trial trains, resolved from the spec and its sampled values."""
+
+    method: str
+    params: MethodParams
+    recipe: Recipe
+    sampled: dict[str, Any]
+
+    def param_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in vars(self.params).items()}
+
+
+def resolve_trial(spec: SweepSpec, sampled: dict[str, Any]) -> TrialPlan:
+    method = sampled.get("method.name", spec.method.name)
+    base = dict(spec.method.params) if method == spec.method.name else {}
+    searched = {
+        path.split(".", 1)[1]: value
+        for path, value in sampled.items()
+        if path.startswith("method.") and path != "method.name"
+    }
+    recipe_overrides = {
+        path.split(".", 1)[1]: value for path, value in sampled.items() if path.startswith("recipe.")
+    }
+    params = DISTILLERS.get(method).make_params({**base, **searched})
+    return TrialPlan(method, params, spec.recipe.build(recipe_overrides), dict(sampled))
+
+
+def teacher_stage(spec: SweepSpec) -> StageSpec:
+    assert spec.teacher is not None
+    return StageSpec(
+        role="teacher",
+        arch=spec.teacher.arch.model_dump(),
+        data=spec.data.model_dump(),
+        recipe=spec.teacher_recipe.build().as_dict(),
+        seed=spec.teacher.seed,
+    )
+
+
+def baseline_stage(spec: SweepSpec, recipe: Recipe) -> StageSpec:
+    """The CE-only student of the spec's architecture, trained with `recipe`."""
+    return StageSpec(
+        role="baseline",
+        arch=spec.student.arch.model_dump(),
+        data=spec.data.model_dump(),
+        recipe=recipe.as_dict(),
+        seed=spec.sweep.seed,
+    )
+
+
+def source_stages(spec: SweepSpec, method: str) -> list[StageSpec]:
+    """The frozen stages a method learns from, in the order of its `source_roles`."""
+    stages = {"teacher": teacher_stage} if spec.teacher is not None else {}
+    return [stages[role](spec) for role in DISTILLERS.get(method).source_roles]

@@ -1,0 +1,366 @@
+"""The sweep spec: YAML -> validated pydantic model. Every error names the offending field."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from kd_core.data import DATASETS
+from kd_core.distillers import DISTILLERS, Distiller
+from kd_core.models import MODELS, check_model_args
+from kd_core.recipes import RECIPES, Recipe
+from kd_core.registry import Registry
+
+SEARCH_PREFIXES = ("method.", "recipe.")
+
+
+class SpecError(ValueError):
+    """A user error in a sweep spec or argument; the message names the problem."""
+
+
+def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
+    """Build a dataclass with type coercion; errors name the field."""
+    known = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise ValueError(
+            f"unknown field {', '.join(map(repr, unknown))} (known: {', '.join(known)})"
+        )
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as error:
+        raise ValueError(format_errors(error, sep="; ")) from None
+
+
+def format_errors(error: ValidationError, sep: str = "\n") -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"])
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return sep.join(lines)
+
+
+def registered(registry: Registry) -> AfterValidator:
+    """A name that must be in `registry`; the error lists the known names."""
+
+    def check(name: str) -> str:
+        registry.get(name)
+        return name
+
+    return AfterValidator(check)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ArchSpec(Strict):
+    name: Annotated[str, registered(MODELS)]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, args: dict[str, Any], info: Any) -> dict[str, Any]:
+        if "name" not in info.data:
+            return args
+        factory = MODELS.get(info.data["name"])
+        check_model_args(info.data["name"], args)
+        hints = typing.get_type_hints(factory)
+        coerced = {}
+        for key, value in args.items():
+            try:
+                coerced[key] = TypeAdapter(hints.get(key, Any)).validate_python(value)
+            except ValidationError as error:
+                raise ValueError(f"{key}: {format_errors(error, sep='; ')}") from None
+        factory(num_classes=10, in_channels=3, **coerced)  # the factory's own value checks
+        return coerced
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
+        return f"{self.name}({inner})"
+
+
+class DataSpec(Strict):
+    name: Annotated[str, registered(DATASETS)] = "digits"
+    seed: int = 0
+    val_fraction: float = Field(0.15, gt=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+
+class RecipeSpec(BaseModel):
+    """A named recipe plus overrides of its fields: `{name: digits, epochs: 10}`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, registered(RECIPES)] = "digits"
+
+    @model_validator(mode="after")
+    def _builds(self) -> RecipeSpec:
+        self.build()
+        return self
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self, extra: dict[str, Any] | None = None) -> Recipe:
+        values = {**RECIPES.get(self.name).as_dict(), **self.overrides, **(extra or {})}
+        return dataclass_from_dict(Recipe, values)
+
+
+class MethodSpec(Strict):
+    name: Annotated[str, registered(DISTILLERS)] = "kd"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, params: dict[str, Any], info: Any) -> dict[str, Any]:
+        if "name" not in info.data:
+            return params
+        typed = dataclass_from_dict(DISTILLERS.get(info.data["name"]).Params, params)
+        return {key: getattr(typed, key) for key in params}
+
+
+class TeacherSpec(Strict):
+    arch: ArchSpec
+    recipe: RecipeSpec | None = None  # default: the student's recipe
+    seed: int = 0
+
+
+class StudentSpec(Strict):
+    arch: ArchSpec
+
+
+class ParamSpec(Strict):
+    """One searched parameter: `choices`, or `low`/`high` (float unless `type: int`)."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpec:
+        if self.type is None:
+            self.type = "categorical" if self.choices is not None else "float"
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either 'choices' or 'low'/'high', not both")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} parameter takes 'low'/'high', not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError("a numeric parameter needs both 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled parameter needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("'log' and 'step' cannot be combined")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("an int parameter needs whole-number 'low' and 'high'")
+        return self
+
+    def condition_holds(self, values: dict[str, Any]) -> bool:
+        """Whether every `when` condition holds for the values chosen so far."""
+        for path, expected in self.when.items():
+            allowed = expected if isinstance(expected, list) else [expected]
+            if values.get(path) not in allowed:
+                return False
+        return True
+
+    def possible_values(self) -> list[Any] | None:
+        return list(self.choices) if self.type == "categorical" else None
+
+
+class SchedulerSpec(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SamplerSpec(Strict):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(6, ge=0)
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+class SweepSettings(Strict):
+    num_trials: int = Field(16, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    seed: int = 0  # student initialisation and shuffling
+    max_failures: int = Field(0, ge=0)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+
+
+class TrackingSpec(Strict):
+    experiment: str = "kdsweep"
+    registered_model: str | None = None  # default: "<spec name>-student"
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SweepSpec(Strict):
+    name: str
+    description: str = ""
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec | None = None
+    student: StudentSpec
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    search: dict[str, ParamSpec]
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError("use letters, digits, '_', '.' and '-' (at most 100 characters)")
+        return name
+
+    @field_validator("search")
+    @classmethod
+    def _not_empty(cls, search: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not search:
+            raise ValueError("the search space is empty: add at least one parameter")
+        return search
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SweepSpec:
+        check_search_space(self)
+        if self.teacher is None and any(
+            DISTILLERS.get(m).source_roles for m in self.candidate_methods()
+        ):
+            raise ValueError("teacher: required by method(s) "
+                             + ", ".join(m for m in self.candidate_methods()
+                                         if DISTILLERS.get(m).source_roles))
+        return self
+
+    @property
+    def teacher_recipe(self) -> RecipeSpec:
+        return self.teacher.recipe if self.teacher and self.teacher.recipe else self.recipe
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or f"{self.name}-student"
+
+    def candidate_methods(self) -> list[str]:
+        searched = self.search.get("method.name")
+        return list(searched.choices) if searched else [self.method.name]
+
+    def fixed_values(self) -> dict[str, Any]:
+        """Values of searchable paths that are not searched (for `when` conditions)."""
+        return {"method.name": self.method.name}
+
+
+def _method_classes(spec: SweepSpec, param: ParamSpec) -> dict[str, type[Distiller]]:
+    """The methods a `method.*` parameter can apply to, given its `when` on method.name."""
+    names = spec.candidate_methods()
+    if "method.name" in param.when:
+        allowed = param.when["method.name"]
+        allowed = allowed if isinstance(allowed, list) else [allowed]
+        names = [n for n in names if n in allowed]
+    return {n: DISTILLERS.get(n) for n in names}
+
+
+def check_search_space(spec: SweepSpec) -> None:
+    """Every searched path exists for every method it can apply to; `when` refers back."""
+    seen: list[str] = []
+    for path, param in spec.search.items():
+        where = f"search.{path}"
+        if not path.startswith(SEARCH_PREFIXES):
+            raise ValueError(f"{where}: searchable paths start with {' or '.join(SEARCH_PREFIXES)}")
+        for condition in param.when:
+            if condition not in seen and condition not in spec.fixed_values():
+                raise ValueError(
+                    f"{where}.when: {condition!r} must be a parameter listed before {path!r}"
+                )
+        field = path.split(".", 1)[1]
+        if path == "method.name":
+            if param.type != "categorical":
+                raise ValueError(f"{where}: method.name takes 'choices'")
+            for choice in param.choices or []:
+                if choice not in DISTILLERS:
+                    raise ValueError(f"{where}: unknown method {choice!r} "
+                                     f"(known: {', '.join(DISTILLERS.names())})")
+        elif path.startswith("method."):
+            methods = _method_classes(spec, param)
+            lacking = [n for n, cls in methods.items()
+                       if field not in {f.name for f in dataclasses.fields(cls.Params)}]
+            if lacking:
+                raise ValueError(
+                    f"{where}: method {', '.join(lacking)} has no parameter {field!r}"
+                    " (restrict it with when: {method.name: [...]})"
+                )
+            for name, cls in methods.items():
+                base = _base_params(spec, name)
+                _check_values(where, param,
+                              lambda v, c=cls, b=base, f=field: dataclass_from_dict(c.Params, {**b, f: v}))
+        else:
+            _check_values(where, param, lambda v, f=field: spec.recipe.build({f: v}))
+        seen.append(path)
+
+
+def _base_params(spec: SweepSpec, method: str) -> dict[str, Any]:
+    return dict(spec.method.params) if method == spec.method.name else {}
+
+
+def _check_values(where: str, param: ParamSpec, build: Any) -> None:
+    """Build with the extreme (or every categorical) value so bad ranges fail now."""
+    if param.type == "categorical":
+        probes = param.choices or []
+    else:
+        cast = int if param.type == "int" else float
+        probes = [cast(param.low), cast(param.high)]
+    for value in probes:
+        try:
+            build(value)
+        except ValueError as error:
+            raise ValueError(f"{where}: value {value!r} is invalid: {error}") from None
+
+
+def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a sweep spec must be a YAML mapping")
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as error:
+        raise SpecError(f"invalid sweep spec {source}:\n  "
+                        + format_errors(error).replace("\n", "\n  ")) from None
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(data, str(path))

@@ -1,0 +1,95 @@
+"""The Tune function trainable: resolve the trial's plan and sources, train, report per epoch.
+
+One `tune.report` per epoch with a checkpoint; a restarted trial resumes from
+`tune.get_checkpoint()` and reopens its MLflow child run by trial id.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from typing import Any
+
+import torch
+from ray import tune
+
+from kd_core.distillers import DISTILLERS
+from kd_core.train import EpochReport, NonFiniteLossError, fit, load_checkpoint
+from sweeps.pipeline import (
+    SweepContext,
+    arch_params,
+    load_dataset,
+    new_model,
+    recipe_params,
+    resolve_stage,
+)
+from sweeps.space import resolve_trial, source_stages
+from sweeps.spec import SweepSpec
+from sweeps.tracking import TAG_TRIAL, Tracker
+
+
+def train_trial(config: dict[str, Any], context: SweepContext) -> None:
+    spec = SweepSpec.model_validate(context.spec)
+    torch.set_num_threads(max(1, int(spec.sweep.cpus_per_trial)))
+    tracker = Tracker(context.tracking_uri)
+    trial_id = tune.get_context().get_trial_id()
+    plan = resolve_trial(spec, config)
+    data = load_dataset(spec.data.model_dump())
+
+    sources, lineage = [], {}
+    for stage in source_stages(spec, plan.method):
+        record, model = resolve_stage(stage, data, context, tracker)
+        sources.append(model)
+        lineage[f"kdsweep.{stage.role}_stage_key"] = record.key
+        lineage[f"kdsweep.{stage.role}_run_id"] = record.run_id or ""
+
+    student_arch = spec.student.arch.model_dump()
+    run_id = tracker.open_child(
+        context.parent_run_id, "trial", TAG_TRIAL, trial_id, f"trial-{trial_id}",
+        params={"method": plan.method, **plan.param_dict(), **arch_params("arch", student_arch),
+                **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
+                **({"teacher": arch_params("teacher", spec.teacher.arch.model_dump())["teacher"]}
+                   if spec.teacher else {})},
+        tags={**lineage, "kdsweep.node_ip": _node_ip()},
+    )
+    status, reason = "FAILED", None
+    try:
+        student = new_model(student_arch, data, spec.sweep.seed)
+        distiller = DISTILLERS.get(plan.method)(student, sources, plan.params)
+        checkpoint = tune.get_checkpoint()
+        resume = None
+        if checkpoint is not None:
+            with checkpoint.as_directory() as directory:
+                resume = load_checkpoint(directory)
+
+        reached_last_epoch = False
+
+        def report(epoch: EpochReport) -> None:
+            nonlocal reached_last_epoch
+            reached_last_epoch = epoch.is_last
+            tracker.log_metrics(run_id, epoch.metrics, epoch.epoch)
+            with tempfile.TemporaryDirectory() as directory:
+                epoch.save(directory)
+                tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+
+        fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=report, resume=resume)
+        status = "FINISHED"
+    except SystemExit:  # how Tune stops a trial; ASHA also stops every trial at max_t
+        if reached_last_epoch:
+            status = "FINISHED"
+        else:
+            status, reason = "KILLED", "stopped early by the scheduler"
+        raise
+    except NonFiniteLossError as error:
+        reason = f"non-finite loss: {error}"
+        raise
+    except Exception as error:
+        reason = f"{type(error).__name__}: {error}"
+        raise
+    finally:
+        tracker.finish(run_id, status, reason)
+
+
+def _node_ip() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()

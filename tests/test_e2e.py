@@ -1,0 +1,182 @@
+"""A small real sweep through Ray Tune, Optuna and MLflow (SQLite), then the exported model.
+
+Nothing is mocked: the CLI runs in its own process, exactly as a user runs it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow.pytorch
+import pytest
+import torch
+import yaml
+from mlflow import MlflowClient
+
+from kd_core.data import DATASETS
+from kd_core.stages import StageStore
+from kd_core.train import evaluate
+from sweeps.tracking import TAG_ROLE, TAG_SWEEP, Tracker
+
+NAME = "e2e"
+EPOCHS = 4
+TRIALS = 4
+SPEC = {
+    "name": "e2e_spec",
+    "teacher": {"arch": {"name": "convnet", "args": {"width": 16, "depth": 1}},
+                "recipe": {"name": "digits", "epochs": 3}},
+    "student": {"arch": {"name": "convnet", "args": {"width": 4, "depth": 1}}},
+    "method": {"name": "kd"},
+    "recipe": {"name": "digits", "epochs": EPOCHS},
+    "search": {
+        "method.T": {"low": 1.0, "high": 8.0},
+        "method.w_kd": {"low": 0.1, "high": 1.0},
+        "method.kl_reduction": {"choices": ["batchmean", "mean"]},
+        "recipe.lr": {"low": 0.02, "high": 0.2, "log": True},
+    },
+    "sweep": {"num_trials": TRIALS, "max_concurrent": 2,
+              "sampler": {"type": "tpe", "seed": 1, "n_startup_trials": 2},
+              "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
+    "tracking": {"experiment": "e2e", "registered_model": "e2e_student"},
+}
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def kdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> dict:
+    work = tmp_path_factory.mktemp("e2e")
+    (work / "spec.yaml").write_text(yaml.safe_dump(SPEC))
+    done = kdsweep("run", "spec.yaml", "--name", NAME, cwd=work)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    uri = f"sqlite:///{work / 'mlflow.db'}"
+    tracker = Tracker(uri)
+    (parent,) = tracker.find_sweeps(NAME)
+    return {"work": work, "uri": uri, "tracker": tracker, "parent": parent, "stdout": done.stdout}
+
+
+def test_parent_and_children_have_terminal_statuses(sweep) -> None:
+    tracker, parent = sweep["tracker"], sweep["parent"]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags[TAG_SWEEP] == NAME
+    children = tracker.children(parent.info.run_id)
+    trials = [r for r in children if r.data.tags[TAG_ROLE] == "trial"]
+    assert len(trials) == TRIALS
+    assert {r.data.tags[TAG_ROLE] for r in children} == {"trial", "teacher", "baseline"}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    for run in trials:
+        epochs = len(tracker.client.get_metric_history(run.info.run_id, "val_acc"))
+        # ASHA-stopped trials are KILLED with a reason; complete ones FINISHED.
+        assert (run.info.status == "FINISHED") == (epochs == EPOCHS)
+        if run.info.status == "KILLED":
+            assert "stopped early" in run.data.tags["kdsweep.end_reason"]
+
+
+def test_each_trial_has_params_and_one_point_per_epoch(sweep) -> None:
+    tracker, parent = sweep["tracker"], sweep["parent"]
+    for run in tracker.children(parent.info.run_id, "trial"):
+        params = run.data.params
+        assert params["method"] == "kd"
+        assert {"T", "w_ce", "w_kd", "kl_reduction", "arch", "arch.width", "recipe.lr",
+                "recipe.epochs", "teacher", "seed"} <= set(params)
+        assert 1.0 <= float(params["T"]) <= 8.0
+        for key in ("val_acc", "train_loss", "train_loss_ce", "train_loss_kd"):
+            steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, key)]
+            assert steps == list(range(1, len(steps) + 1)), key
+        if run.info.status == "FINISHED":
+            assert "test_acc" in run.data.metrics
+
+
+def test_teacher_trained_exactly_once_and_lineage_recorded(sweep) -> None:
+    tracker, parent = sweep["tracker"], sweep["parent"]
+    teachers = tracker.children(parent.info.run_id, "teacher")
+    assert len(teachers) == 1  # 2 concurrent trials, one teacher
+    teacher = teachers[0]
+    key = teacher.data.tags["kdsweep.stage_key"]
+    for run in tracker.children(parent.info.run_id, "trial"):
+        assert run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
+        assert run.data.tags["kdsweep.teacher_stage_key"] == key
+        assert run.data.tags["kdsweep.node_ip"] == "127.0.0.2"
+    stored = StageStore(sweep["work"] / "kdsweep_storage").get(key)
+    assert stored is not None and stored.run_id == teacher.info.run_id
+    assert parent.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
+
+
+def test_driver_prints_best_beside_ce_baseline(sweep) -> None:
+    text = " ".join(sweep["stdout"].split())
+    assert "student, CE only" in text and "student, best trial" in text
+    assert "models:/e2e_student@champion" in text
+
+
+def test_best_json(sweep) -> None:
+    done = kdsweep("best", NAME, "--json", cwd=sweep["work"])
+    assert done.returncode == 0, done.stderr
+    best = json.loads(done.stdout)
+    assert best["sweep"] == NAME and best["model_uri"] == "models:/e2e_student@champion"
+    assert best["run_id"] == sweep["parent"].data.tags["kdsweep.best_run_id"]
+    assert best["params"]["method"] == "kd"
+
+
+def test_status_lists_the_sweep_and_its_trials(sweep) -> None:
+    overview = kdsweep("status", cwd=sweep["work"])
+    assert overview.returncode == 0 and NAME in overview.stdout
+    detail = kdsweep("status", NAME, cwd=sweep["work"])
+    assert detail.returncode == 0
+    assert detail.stdout.count("FINISHED") + detail.stdout.count("KILLED") >= TRIALS
+
+
+def test_pulled_torchscript_runs_with_torch_alone(sweep, tmp_path) -> None:
+    done = kdsweep("pull", NAME, "--to", str(tmp_path / "student"), cwd=sweep["work"])
+    assert done.returncode == 0, done.stderr
+    files = {p.name for p in (tmp_path / "student").iterdir()}
+    assert {"student.torchscript.pt", "student_state_dict.pt", "student.json"} <= files
+    meta = json.loads((tmp_path / "student" / "student.json").read_text())
+    recorded = sweep["parent"].data.metrics["best_test_acc"]
+    assert meta["test_acc"] == recorded
+
+    test = DATASETS.get("digits")().test
+    torch.save({"images": test.images, "labels": test.labels}, tmp_path / "test.pt")
+    script = (
+        "import sys, torch\n"
+        f"model = torch.jit.load({str(tmp_path / 'student' / 'student.torchscript.pt')!r})\n"
+        f"data = torch.load({str(tmp_path / 'test.pt')!r})\n"
+        "with torch.no_grad():\n"
+        "    predicted = model(data['images']).argmax(1)\n"
+        "print((predicted == data['labels']).float().mean().item())\n"
+        "assert not any(m.split('.')[0] in ('kd_core', 'sweeps', 'mlflow', 'ray') for m in sys.modules)\n"
+    )
+    fresh = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                           timeout=120, cwd=tmp_path)
+    assert fresh.returncode == 0, fresh.stderr
+    assert float(fresh.stdout.strip()) == pytest.approx(recorded, abs=1e-6)
+
+
+def test_registered_champion_loads_and_reproduces_accuracy(sweep) -> None:
+    mlflow.set_tracking_uri(sweep["uri"])
+    mlflow.set_registry_uri(sweep["uri"])
+    client = MlflowClient(sweep["uri"])
+    version = client.get_model_version_by_alias("e2e_student", "champion")
+    assert str(version.version) == sweep["parent"].data.tags["kdsweep.model_version"]
+    model = mlflow.pytorch.load_model("models:/e2e_student@champion")
+    _, accuracy = evaluate(model, DATASETS.get("digits")().test)
+    assert accuracy == sweep["parent"].data.metrics["best_test_acc"]
+
+
+def test_rerunning_an_existing_name_is_refused_and_changes_nothing(sweep) -> None:
+    tracker = sweep["tracker"]
+    before = len(tracker.children(sweep["parent"].info.run_id))
+    done = kdsweep("run", "spec.yaml", "--name", NAME, cwd=sweep["work"])
+    assert done.returncode == 2
+    assert f"a sweep named '{NAME}' already exists" in " ".join(done.stderr.split())
+    assert "Traceback" not in done.stderr
+    assert len(tracker.children(sweep["parent"].info.run_id)) == before
+    assert len(tracker.find_sweeps(NAME)) == 1

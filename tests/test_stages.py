@@ -1,0 +1,85 @@
+from __future__ import annotations
+
+import dataclasses
+import multiprocessing
+import time
+from pathlib import Path
+
+import torch
+
+from kd_core.models import build_model
+from kd_core.stages import META_FILE, StageSpec, StageStore, TrainedStage
+
+ARCH = {"name": "convnet", "args": {"width": 4, "depth": 1}}
+DATA = {"name": "digits", "seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
+RECIPE = {"epochs": 3, "lr": 0.05}
+
+
+def spec(**changes) -> StageSpec:
+    return dataclasses.replace(StageSpec("teacher", ARCH, DATA, RECIPE), **changes)
+
+
+def test_key_is_stable_and_covers_every_determinant() -> None:
+    assert spec().key == spec().key == StageSpec("teacher", dict(ARCH), dict(DATA), dict(RECIPE)).key
+    assert spec(role="baseline").key == spec().key  # a label, not a determinant
+    variants = [
+        spec(arch={"name": "convnet", "args": {"width": 8, "depth": 1}}),
+        spec(data={**DATA, "seed": 1}),
+        spec(recipe={**RECIPE, "lr": 0.1}),
+        spec(seed=1),
+        spec(method={"name": "kd", "params": {}}),
+        spec(parents=("abc",)),
+    ]
+    keys = {v.key for v in variants} | {spec().key}
+    assert len(keys) == len(variants) + 1
+
+
+def train_logged(stage: StageSpec, log: Path, seconds: float = 0.0) -> TrainedStage:
+    with log.open("a") as f:
+        f.write(f"{stage.key}\n")
+    time.sleep(seconds)
+    model = build_model("convnet", 10, 1, stage.arch["args"])
+    return TrainedStage(model.state_dict(), 10, 1, {"test_acc": 0.5}, {"run_id": "r1"})
+
+
+def test_trains_once_then_reuses(tmp_path) -> None:
+    store, log = StageStore(tmp_path), tmp_path / "log"
+    record, trained = store.get_or_train(spec(), lambda s: train_logged(s, log))
+    again, trained_again = store.get_or_train(spec(), lambda s: train_logged(s, log))
+    assert (trained, trained_again) == (True, False)
+    assert log.read_text().splitlines() == [spec().key]
+    assert again.run_id == "r1" and again.meta["metrics"] == {"test_acc": 0.5}
+    model = again.load_model()
+    for key, value in model.state_dict().items():
+        torch.testing.assert_close(value, record.load_model().state_dict()[key])
+
+
+def _worker(root: str, log: str, barrier) -> None:
+    barrier.wait()
+    StageStore(root).get_or_train(spec(), lambda s: train_logged(s, Path(log), seconds=1.0))
+
+
+def test_concurrent_processes_train_a_stage_once(tmp_path) -> None:
+    context = multiprocessing.get_context("spawn")
+    barrier = context.Barrier(3)
+    log = tmp_path / "log"
+    workers = [context.Process(target=_worker, args=(str(tmp_path), str(log), barrier))
+               for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    assert [w.exitcode for w in workers] == [0, 0, 0]
+    assert log.read_text().splitlines() == [spec().key]
+    assert StageStore(tmp_path).get(spec().key) is not None
+
+
+def test_an_incomplete_leftover_is_retrained(tmp_path) -> None:
+    store, log = StageStore(tmp_path), tmp_path / "log"
+    leftover = tmp_path / "stages" / spec().key
+    leftover.mkdir(parents=True)
+    (leftover / "weights.pt").write_bytes(b"truncated")
+    assert store.get(spec().key) is None
+    record, trained = store.get_or_train(spec(), lambda s: train_logged(s, log))
+    assert trained and (record.path / META_FILE).exists()
+    record.load_model()
