@@ -98,34 +98,41 @@ def run(
         raise SpecError(f"--storage {storage}: not a directory")
     tracker = _tracker(tracking_uri)
 
-    from sweeps.runner import default_sweep_name, run_sweep  # imports Ray: after validation
+    from sweeps.runner import SweepFailedError, default_sweep_name, run_sweep  # Ray: after validation
 
-    outcome = run_sweep(spec, name=name or default_sweep_name(spec), storage=storage,
-                        tracking_uri=tracker.uri, address=address, console=err)
+    try:
+        outcome = run_sweep(spec, name=name or default_sweep_name(spec), storage=storage,
+                            tracking_uri=tracker.uri, address=address, console=err)
+    except SweepFailedError as error:
+        err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
     _print_outcome(outcome)
 
 
 def _print_outcome(outcome: Any) -> None:
     best, plan = outcome.best, outcome.best_plan
-    table = Table(title=f"sweep {outcome.name}: {len(outcome.trials)} trials in "
-                        f"{outcome.seconds:.0f}s")
-    for column in ("model", "method", "val acc", "test acc", "params"):
+    counts = {s: sum(t.status == s for t in outcome.trials) for s in ("FINISHED", "KILLED", "FAILED")}
+    table = Table(title=f"sweep {outcome.name}: {len(outcome.trials)} trials in {outcome.seconds:.0f}s "
+                        f"({counts['FINISHED']} finished, {counts['KILLED']} stopped early, "
+                        f"{counts['FAILED']} failed)")
+    for column in ("model", "method", "val acc", "test acc"):
         table.add_column(column)
     if outcome.teacher_metrics:
         m = outcome.teacher_metrics
-        table.add_row("teacher", "ce", f"{m['val_acc_best']:.4f}", f"{m['test_acc']:.4f}", "")
+        table.add_row("teacher", "ce", f"{m['val_acc_best']:.4f}", f"{m['test_acc']:.4f}")
     m = outcome.baseline_metrics
-    table.add_row("student, CE only", "ce", f"{m['val_acc_best']:.4f}", f"{m['test_acc']:.4f}",
-                  "same architecture and recipe")
-    settings = ", ".join(f"{k}={_short(v)}" for k, v in best.sampled.items())
+    table.add_row("student, CE only (same arch and recipe)", "ce", f"{m['val_acc_best']:.4f}",
+                  f"{m['test_acc']:.4f}")
     table.add_row(f"student, best trial {best.trial_id}", plan.method,
-                  f"{best.metrics['val_acc_best']:.4f}", f"{outcome.export.test_acc:.4f}", settings)
+                  f"{best.metrics['val_acc_best']:.4f}", f"{outcome.export.test_acc:.4f}")
     out.print(table)
+    settings = ", ".join(f"{k}={_short(v)}" for k, v in best.sampled.items())
+    out.print(f"best trial settings: {settings}", soft_wrap=True)
     delta = outcome.export.test_acc - m["test_acc"]
     out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
-    out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version}); "
-              f"files: {outcome.export.directory}")
-    out.print(f"pull it: kdsweep pull {outcome.name} --to DIR")
+    out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version})", soft_wrap=True)
+    out.print(f"files: {outcome.export.directory}", soft_wrap=True)
+    out.print(f"pull it: kdsweep pull {outcome.name} --to DIR", soft_wrap=True)
 
 
 def _short(value: Any) -> str:

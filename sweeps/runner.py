@@ -77,11 +77,14 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if ray.is_initialized():
         return
     env = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
-    else:
-        ray.init(_node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
-                 runtime_env={"env_vars": env}, log_to_driver=False)
+    try:
+        if address:
+            ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
+        else:
+            ray.init(_node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": env}, log_to_driver=False)
+    except (ConnectionError, ValueError) as error:
+        raise SpecError(f"cannot start or reach Ray at {address or LOCAL_NODE_IP}: {error}") from None
 
 
 def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
@@ -126,12 +129,13 @@ def run_sweep(
     check_new_sweep(tracker, name, storage)
     epochs = spec.recipe.build().epochs
 
+    init_ray(address)
     experiment_dir = storage / name
     experiment_dir.mkdir(parents=True)
     experiment_id = tracker.experiment_id(spec.tracking.experiment)
     parent_run_id = tracker.start_sweep(
         experiment_id, name, {TAG_SPEC: spec.name, TAG_STORAGE: str(storage),
-                              "mlflow.note.content": spec.description},
+                              **({"mlflow.note.content": spec.description} if spec.description else {})},
     )
     spec_dump = spec.model_dump(mode="json")
     tracker.client.log_text(parent_run_id, yaml.safe_dump(spec_dump, sort_keys=False), "spec.yaml")
@@ -144,7 +148,6 @@ def run_sweep(
     })
     context = SweepContext(name, spec_dump, str(storage), tracking_uri, parent_run_id)
     try:
-        init_ray(address)
         console.print(f"[bold]kdsweep[/] sweep [cyan]{name}[/]: {spec.sweep.num_trials} trials, "
                       f"{spec.sweep.max_concurrent} at a time, tracking {tracking_uri}")
         trainable = tune.with_resources(
@@ -209,10 +212,18 @@ def _reconcile(tracker: Tracker, parent_run_id: str, trials: list[TrialSummary])
         tracker.finish(run.info.run_id, status, "closed by the driver after the sweep")
 
 
+class SweepFailedError(RuntimeError):
+    """The sweep ran but produced no usable trial."""
+
+
 def _best(trials: list[TrialSummary]) -> TrialSummary:
     complete = [t for t in trials if t.status == "FINISHED"]
     if not complete:
-        raise RuntimeError("no trial finished; see the failed trials' reasons in MLflow")
+        counts = {s: sum(t.status == s for t in trials) for s in ("FAILED", "KILLED")}
+        raise SweepFailedError(
+            f"no trial finished ({counts['FAILED']} failed, {counts['KILLED']} stopped early); "
+            "see the trials' kdsweep.end_reason tags in MLflow and their error files in storage"
+        )
     return max(complete, key=lambda t: (t.metrics[METRIC], -t.metrics["val_loss_best"]))
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import tempfile
 from typing import Any
 
+import ray
 import torch
 from ray import tune
 
@@ -49,7 +50,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
                 **({"teacher": arch_params("teacher", spec.teacher.arch.model_dump())["teacher"]}
                    if spec.teacher else {})},
-        tags={**lineage, "kdsweep.node_ip": _node_ip()},
+        tags={**lineage, "kdsweep.node_ip": ray.util.get_node_ip_address()},
     )
     status, reason = "FAILED", None
     try:
@@ -87,9 +88,3 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         raise
     finally:
         tracker.finish(run_id, status, reason)
-
-
-def _node_ip() -> str:
-    import ray
-
-    return ray.util.get_node_ip_address()

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import mlflow.pytorch
@@ -180,3 +184,34 @@ def test_rerunning_an_existing_name_is_refused_and_changes_nothing(sweep) -> Non
     assert "Traceback" not in done.stderr
     assert len(tracker.children(sweep["parent"].info.run_id)) == before
     assert len(tracker.find_sweeps(NAME)) == 1
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ui_serves_the_sweep_on_loopback(sweep) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "sweeps.cli", "ui", "--port", str(port)], cwd=sweep["work"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}/api/2.0/mlflow/runs/get?run_id={sweep['parent'].info.run_id}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url, timeout=5) as response:
+                    run = json.load(response)["run"]
+                break
+            except OSError:
+                assert server.poll() is None, "the UI process exited"
+                assert time.monotonic() < deadline, "the UI did not answer within 90 s"
+                time.sleep(1)
+        assert {"key": TAG_SWEEP, "value": NAME} in run["data"]["tags"]
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
