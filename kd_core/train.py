@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_core.data.base import Dataset, Split, batches
+from kd_core.data.base import Dataset, SplitLike
 from kd_core.distillers.base import Distiller
 from kd_core.recipes import Recipe
 
@@ -57,12 +57,12 @@ def load_checkpoint(directory: str | Path) -> dict[str, Any]:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: Split, batch_size: int = 512) -> tuple[float, float]:
+def evaluate(model: nn.Module, split: SplitLike, batch_size: int = 512) -> tuple[float, float]:
     """(mean CE loss, accuracy) of `model` on a split."""
     was_training = model.training
     model.eval()
     total_loss, correct = 0.0, 0
-    for images, labels in batches(split, batch_size):
+    for images, labels in split.batches(batch_size):
         logits = model(images)
         total_loss += nn.functional.cross_entropy(logits, labels, reduction="sum").item()
         correct += (logits.argmax(1) == labels).sum().item()
@@ -117,7 +117,7 @@ def fit(
         shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         sums: dict[str, float] = {}
         seen, correct = 0, 0
-        for images, labels in batches(data.train, recipe.batch_size, shuffle):
+        for images, labels in data.train.batches(recipe.batch_size, shuffle):
             logits, terms = distiller.forward_train(images, labels)
             loss = sum(weights.get(name, 0.0) * term for name, term in terms.items())
             optimizer.zero_grad(set_to_none=True)
@@ -165,7 +165,7 @@ def fit(
 
 
 def _test_metrics(
-    deployable: nn.Module, best_state: dict[str, torch.Tensor], test: Split
+    deployable: nn.Module, best_state: dict[str, torch.Tensor], test: SplitLike
 ) -> dict[str, float]:
     test_loss_last, test_acc_last = evaluate(deployable, test)
     best_model = copy.deepcopy(deployable)

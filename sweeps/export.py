@@ -67,7 +67,7 @@ def export_student(
     directory.mkdir(parents=True, exist_ok=True)
 
     torch.save(model.state_dict(), directory / STATE_DICT_FILE)
-    example = data.test.images[:2]
+    example, _ = next(data.test.batches(2))  # model inputs, after the split's transform
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
         torch.jit.trace(model, example).save(str(directory / TORCHSCRIPT_FILE))
@@ -76,7 +76,7 @@ def export_student(
     num_params = sum(p.numel() for p in model.parameters())
     info = {
         **meta, "test_acc": test_acc, "num_params": num_params,
-        "input_shape": list(data.test.images.shape[1:]), "num_classes": data.num_classes,
+        "input_shape": list(example.shape[1:]), "num_classes": data.num_classes,
         "preprocess": data.preprocess, "files": [STATE_DICT_FILE, TORCHSCRIPT_FILE],
     }
     (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str))

@@ -8,6 +8,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 import torch
 
 from kd_core.data import DATASETS, Dataset
@@ -18,8 +19,8 @@ from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, fit
 from sweeps.tracking import TAG_STAGE, Tracker
 
-_datasets: dict[str, Dataset] = {}  # per process: a reused actor loads data once
-_models: dict[str, StagedModel] = {}
+_datasets: dict[tuple[str, str], Dataset] = {}  # per process: a reused actor loads data once
+_models: dict[tuple[str, str], StagedModel] = {}
 
 
 @dataclass(frozen=True)
@@ -33,11 +34,14 @@ class SweepContext:
     parent_run_id: str
 
 
-def load_dataset(data: dict[str, Any]) -> Dataset:
-    key = json.dumps(data, sort_keys=True)
+def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:
+    """The dataset on `device`, loaded once per process."""
+    key = (json.dumps(data, sort_keys=True), device)
     if key not in _datasets:
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError("the sweep asks for GPUs (gpus_per_trial > 0) but CUDA is not available")
         args = {k: v for k, v in data.items() if k != "name"}
-        _datasets[key] = DATASETS.get(data["name"])(**args)
+        _datasets[key] = DATASETS.get(data["name"])(**args).to(device)
     return _datasets[key]
 
 
@@ -57,9 +61,7 @@ def recipe_params(recipe: Recipe) -> dict[str, Any]:
     return {f"recipe.{k}": v for k, v in recipe.as_dict().items()}
 
 
-def train_stage(
-    stage: StageSpec, data: Dataset, tracker: Tracker, parent_run_id: str
-) -> TrainedStage:
+def train_stage(stage: StageSpec, device: str, tracker: Tracker, parent_run_id: str) -> TrainedStage:
     """Train one stage (CE, or its method from frozen parents) as a tracked child run."""
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
@@ -73,7 +75,8 @@ def train_stage(
     )
     status, reason = "FAILED", None
     try:
-        model = new_model(stage.arch, data, stage.seed)
+        data = load_dataset(stage.data, device)
+        model = new_model(stage.arch, data, stage.seed).to(device)
         distiller = method(model, [], params)
 
         def log(report: EpochReport) -> None:
@@ -93,13 +96,20 @@ def train_stage(
 
 
 def resolve_stage(
-    stage: StageSpec, data: Dataset, context: SweepContext, tracker: Tracker
+    stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu"
 ) -> tuple[StageRecord, StagedModel]:
-    """The trained stage and its frozen model, training it first if no one has."""
+    """The trained stage and its frozen model on `device`, training it first if no one has."""
     store = StageStore(context.storage)
     record, _ = store.get_or_train(
-        stage, lambda s: train_stage(s, data, tracker, context.parent_run_id)
+        stage, lambda s: train_stage(s, device, tracker, context.parent_run_id)
     )
-    if record.key not in _models:
-        _models[record.key] = record.load_model()
-    return record, _models[record.key]
+    key = (record.key, device)
+    if key not in _models:
+        _models[key] = record.load_model(device)
+    return record, _models[key]
+
+
+def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
+    """`resolve_stage` for a Ray task: returns only the (picklable) record."""
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    return resolve_stage(stage, context, Tracker(context.tracking_uri), device)[0]

@@ -25,7 +25,7 @@ from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.export import ExportResult, export_student
-from sweeps.pipeline import SweepContext, load_dataset, new_model, resolve_stage
+from sweeps.pipeline import SweepContext, ensure_stage, load_dataset, new_model
 from sweeps.space import SearchSpace, TrialPlan, baseline_stage, resolve_trial, teacher_stage
 from sweeps.spec import SpecError, SweepSpec
 from sweeps.tracking import TAG_SPEC, TAG_STORAGE, TAG_SWEEP, TAG_TRIAL, Tracker
@@ -242,7 +242,10 @@ def _finish(
     context = SweepContext(name, spec.model_dump(mode="json"), str(storage), tracker.uri,
                            parent_run_id)
     console.print("training the CE-only baseline student (same architecture and recipe)...")
-    baseline, _ = resolve_stage(baseline_stage(spec, plan.recipe), data, context, tracker)
+    # A Ray task with a trial's resources, so a GPU sweep trains its baseline on a GPU too.
+    baseline = ray.get(ray.remote(ensure_stage).options(
+        num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial,
+    ).remote(baseline_stage(spec, plan.recipe), context, spec.sweep.device))
     teacher = StageStore(storage).get(teacher_stage(spec).key) if spec.teacher else None
 
     student = new_model(spec.student.arch.model_dump(), data, spec.sweep.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -22,7 +23,7 @@ from pydantic import (
 
 from kd_core.data import DATASETS
 from kd_core.distillers import DISTILLERS, Distiller
-from kd_core.models import MODELS, check_model_args
+from kd_core.models import MODELS
 from kd_core.recipes import RECIPES, Recipe
 from kd_core.registry import Registry
 
@@ -45,6 +46,27 @@ def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:
         return TypeAdapter(cls).validate_python(values)
     except ValidationError as error:
         raise ValueError(format_errors(error, sep="; ")) from None
+
+
+def factory_args(factory: Any, args: dict[str, Any], fixed: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`args` checked against a factory's signature, coerced to its type hints, defaults filled
+    in (so equal settings always look equal, e.g. in stage keys)."""
+    parameters = {name: p for name, p in inspect.signature(factory).parameters.items() if name not in fixed}
+    unknown = sorted(set(args) - set(parameters))
+    if unknown:
+        raise ValueError(f"unknown argument {', '.join(map(repr, unknown))} "
+                         f"(known: {', '.join(parameters) or 'none'})")
+    hints = typing.get_type_hints(factory, include_extras=True)  # keeps Annotated bounds
+    resolved = {name: p.default for name, p in parameters.items() if p.default is not inspect.Parameter.empty}
+    for name, value in args.items():
+        try:
+            resolved[name] = TypeAdapter(hints.get(name, Any)).validate_python(value)
+        except ValidationError as error:
+            raise ValueError(f"{name}: {format_errors(error, sep='; ')}") from None
+    missing = [name for name in parameters if name not in resolved]
+    if missing:
+        raise ValueError(f"missing argument {', '.join(map(repr, missing))}")
+    return resolved
 
 
 def format_errors(error: ValidationError, sep: str = "\n") -> str:
@@ -80,27 +102,29 @@ class ArchSpec(Strict):
         if "name" not in info.data:
             return args
         factory = MODELS.get(info.data["name"])
-        check_model_args(info.data["name"], args)
-        hints = typing.get_type_hints(factory)
-        coerced = {}
-        for key, value in args.items():
-            try:
-                coerced[key] = TypeAdapter(hints.get(key, Any)).validate_python(value)
-            except ValidationError as error:
-                raise ValueError(f"{key}: {format_errors(error, sep='; ')}") from None
-        factory(num_classes=10, in_channels=3, **coerced)  # the factory's own value checks
-        return coerced
+        resolved = factory_args(factory, args, fixed=("num_classes", "in_channels"))
+        factory(num_classes=10, in_channels=3, **resolved)  # the factory's own value checks
+        return resolved
 
     def label(self) -> str:
         inner = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
         return f"{self.name}({inner})"
 
 
-class DataSpec(Strict):
+class DataSpec(BaseModel):
+    """A registered dataset and its factory's arguments: `{name: digits, val_fraction: 0.2}`."""
+
+    model_config = ConfigDict(extra="allow")
     name: Annotated[str, registered(DATASETS)] = "digits"
-    seed: int = 0
-    val_fraction: float = Field(0.15, gt=0, lt=1)
-    test_fraction: float = Field(0.2, gt=0, lt=1)
+
+    @model_validator(mode="after")
+    def _args(self) -> DataSpec:
+        self.__pydantic_extra__ = factory_args(DATASETS.get(self.name), dict(self.model_extra or {}))
+        return self
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
 
 
 class RecipeSpec(BaseModel):
@@ -211,10 +235,16 @@ class SweepSettings(Strict):
     num_trials: int = Field(16, ge=1)
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # > 0 trains on CUDA; fractions share a GPU
     seed: int = 0  # student initialisation and shuffling
     max_failures: int = Field(0, ge=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_trial > 0 else "cpu"
 
 
 class TrackingSpec(Strict):

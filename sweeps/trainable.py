@@ -34,11 +34,12 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     tracker = Tracker(context.tracking_uri)
     trial_id = tune.get_context().get_trial_id()
     plan = resolve_trial(spec, config)
-    data = load_dataset(spec.data.model_dump())
+    device = spec.sweep.device
+    data = load_dataset(spec.data.model_dump(), device)
 
     sources, lineage = [], {}
     for stage in source_stages(spec, plan.method):
-        record, model = resolve_stage(stage, data, context, tracker)
+        record, model = resolve_stage(stage, context, tracker, device)
         sources.append(model)
         lineage[f"kdsweep.{stage.role}_stage_key"] = record.key
         lineage[f"kdsweep.{stage.role}_run_id"] = record.run_id or ""
@@ -55,7 +56,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     status, reason = "FAILED", None
     try:
         student = new_model(student_arch, data, spec.sweep.seed)
-        distiller = DISTILLERS.get(plan.method)(student, sources, plan.params)
+        distiller = DISTILLERS.get(plan.method)(student, sources, plan.params).to(device)
         checkpoint = tune.get_checkpoint()
         resume = None
         if checkpoint is not None:

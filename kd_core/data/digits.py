@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
+from annotated_types import Gt, Lt
 from sklearn.datasets import load_digits
 
 from kd_core.data.base import Dataset, Split, seeded_split
@@ -10,7 +13,11 @@ from kd_core.data.registry import DATASETS
 
 
 @DATASETS.register("digits")
-def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2) -> Dataset:
+def digits(
+    seed: int = 0,
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.15,
+    test_fraction: Annotated[float, Gt(0), Lt(1)] = 0.2,
+) -> Dataset:
     """Seeded train/val/test split; val is carved from the non-test part."""
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
@@ -25,5 +32,6 @@ def digits(seed: int = 0, val_fraction: float = 0.15, test_fraction: float = 0.2
         Split(images[val], labels[val]),
         Split(images[test], labels[test]),
         num_classes=10,
+        in_channels=1,
         preprocess={"input": "8x8 grey levels 0..16", "scale": 1 / 16, "mean": mean, "std": std},
     )
