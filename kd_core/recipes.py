@@ -62,7 +62,7 @@ class Recipe:
         d["milestones"] = list(self.milestones)
         return d
 
-    def make_optimizer(self, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    def make_optimizer(self, params: list[nn.Parameter] | list[dict[str, Any]]) -> torch.optim.Optimizer:
         if self.optimizer == "sgd":
             return torch.optim.SGD(
                 params, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,

@@ -16,7 +16,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +39,65 @@ class StageSpec:
     recipe: dict[str, Any]  # a Recipe as a dict
     method: dict[str, Any] = field(default_factory=lambda: {"name": "ce", "params": {}})
     seed: int = 0
-    parents: tuple[str, ...] = ()  # keys of the stages this one learns from
+    parents: tuple[StageSpec, ...] = ()  # the frozen stages this one learns from, in order
 
     @property
     def key(self) -> str:
         # The role is a label, not a determinant: a teacher and a baseline with equal
-        # settings are the same training run.
-        determinants = {k: v for k, v in asdict(self).items() if k != "role"}
+        # settings are the same training run. Parents count through their keys.
+        determinants = {
+            "arch": self.arch, "data": self.data, "recipe": self.recipe, "method": self.method,
+            "seed": self.seed, "parents": [p.key for p in self.parents],
+        }
         canonical = json.dumps(determinants, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly description, parents by key."""
+        return {**{k: v for k, v in asdict(self).items() if k != "parents"},
+                "parents": [p.key for p in self.parents]}
+
+
+@dataclass(frozen=True)
+class SourcePlan:
+    """What a method builds its frozen source stages from (`Distiller.source_stages`)."""
+
+    teacher: StageSpec | None
+    assistants: tuple[dict[str, Any], ...]  # assistant architectures, largest first
+    student_arch: dict[str, Any]
+    data: dict[str, Any]
+    recipe: dict[str, Any]  # for stages derived during a sweep (assistants, ...)
+    seed: int
+    num_classes: int
+    input_shape: tuple[int, ...]  # (C, H, W) of model inputs
+    #: The spec's fixed method parameters. Derived stages use these, never a trial's sampled
+    #: values, so that every trial shares them.
+    fixed_params: dict[str, Any] = field(default_factory=dict)
+
+    def fixed_params_of(self, params_class: type) -> dict[str, Any]:
+        """The fixed parameter values a params dataclass has."""
+        names = {f.name for f in fields(params_class)}
+        return {k: v for k, v in self.fixed_params.items() if k in names}
+
+    def require_teacher(self) -> StageSpec:
+        if self.teacher is None:
+            raise ValueError("needs a teacher (add a 'teacher' section)")
+        return self.teacher
+
+    def require_assistants(self, n: int) -> tuple[dict[str, Any], ...]:
+        if n > len(self.assistants):
+            raise ValueError(f"needs {n} assistants but {len(self.assistants)} are available "
+                             "(list them under 'assistants', largest first)")
+        return self.assistants[:n]
+
+    def stage(
+        self, role: str, arch: dict[str, Any], method: str, params: dict[str, Any],
+        parents: tuple[StageSpec, ...] = (), **changes: Any,
+    ) -> StageSpec:
+        """A derived stage on this plan's data, recipe and seed (any of them can be changed)."""
+        values = {"data": self.data, "recipe": self.recipe, "seed": self.seed, **changes}
+        return StageSpec(role, arch, method={"name": method, "params": params}, parents=parents,
+                         **values)
 
 
 @dataclass(frozen=True)
@@ -111,7 +161,7 @@ class StageStore:
             started = time.time()
             result = train(spec)
             meta = {
-                "key": key, "spec": asdict(spec), "num_classes": result.num_classes,
+                "key": key, "spec": spec.describe(), "num_classes": result.num_classes,
                 "in_channels": result.in_channels, "metrics": result.metrics,
                 "info": result.info, "trained_on": socket.gethostname(), "pid": os.getpid(),
                 "train_seconds": time.time() - started, "finished_at": time.time(),

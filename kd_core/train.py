@@ -94,8 +94,9 @@ def fit(
     (ties: lower val loss). The last epoch also reports test metrics of the best-epoch
     and last-epoch models. `resume` is a checkpoint from `load_checkpoint`.
     """
-    parameters = [p for m in distiller.trainable_modules() for p in m.parameters()]
-    optimizer = recipe.make_optimizer(parameters)
+    groups = [{"params": g["params"], "lr": recipe.lr * g.get("lr_scale", 1.0)}
+              for g in distiller.param_groups()]
+    optimizer = recipe.make_optimizer(groups)
     scheduler = recipe.make_scheduler(optimizer)
     weights = distiller.weights
     deployable = distiller.deployable()
@@ -123,6 +124,7 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            extra = distiller.after_step(images, labels, logits.detach())
             n = len(labels)
             seen += n
             correct += (logits.detach().argmax(1) == labels).sum().item()
@@ -130,6 +132,8 @@ def fit(
             for name, term in terms.items():
                 key = f"train_loss_{name}"
                 sums[key] = sums.get(key, 0.0) + term.item() * n
+            for name, value in extra.items():
+                sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value * n
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         metrics = {k: v / seen for k, v in sums.items()}

@@ -1,5 +1,5 @@
-"""Stage pipelines: a method's frozen sources come from the stage store, and a stage that
-is missing is trained once (under the store's lock) as its own tracked MLflow run.
+"""Stage pipelines: a method's frozen sources come from the stage store; a missing stage is
+trained once (under the store's lock), after its own parents, as a tracked MLflow run.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ import ray
 import torch
 
 from kd_core.data import DATASETS, Dataset
-from kd_core.distillers import DISTILLERS
+from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import StagedModel, build_model
 from kd_core.recipes import Recipe
 from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, fit
+from sweeps.sources import source_plan, source_stages
+from sweeps.space import TrialPlan
+from sweeps.spec import SweepSpec
 from sweeps.tracking import TAG_STAGE, Tracker
 
 _datasets: dict[tuple[str, str], Dataset] = {}  # per process: a reused actor loads data once
@@ -34,6 +37,15 @@ class SweepContext:
     parent_run_id: str
 
 
+@dataclass(frozen=True)
+class Source:
+    """A frozen source as a trial sees it: its stage, its record and its model."""
+
+    stage: StageSpec
+    record: StageRecord
+    model: StagedModel
+
+
 def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:
     """The dataset on `device`, loaded once per process."""
     key = (json.dumps(data, sort_keys=True), device)
@@ -43,6 +55,11 @@ def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:
         args = {k: v for k, v in data.items() if k != "name"}
         _datasets[key] = DATASETS.get(data["name"])(**args).to(device)
     return _datasets[key]
+
+
+def input_shape(data: Dataset) -> tuple[int, ...]:
+    images, _ = next(data.val.batches(1))
+    return tuple(images.shape[1:])
 
 
 def new_model(arch: dict[str, Any], data: Dataset, seed: int) -> StagedModel:
@@ -61,8 +78,22 @@ def recipe_params(recipe: Recipe) -> dict[str, Any]:
     return {f"recipe.{k}": v for k, v in recipe.as_dict().items()}
 
 
-def train_stage(stage: StageSpec, device: str, tracker: Tracker, parent_run_id: str) -> TrainedStage:
-    """Train one stage (CE, or its method from frozen parents) as a tracked child run."""
+def lineage_tags(sources: list[Source]) -> dict[str, str]:
+    """`kdsweep.<role>_run_id` / `_stage_key` per source (assistants numbered from 1)."""
+    tags, counts = {}, {}
+    for source in sources:
+        role = source.stage.role
+        counts[role] = counts.get(role, 0) + 1
+        label = role if role != "assistant" else f"assistant_{counts[role]}"
+        tags[f"kdsweep.{label}_stage_key"] = source.record.key
+        tags[f"kdsweep.{label}_run_id"] = source.record.run_id or ""
+    return tags
+
+
+def train_stage(
+    stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, parent_run_id: str
+) -> TrainedStage:
+    """Train one stage with its method, learning from its (already resolved) parents."""
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
     params = method.make_params(stage.method.get("params", {}))
@@ -71,13 +102,13 @@ def train_stage(stage: StageSpec, device: str, tracker: Tracker, parent_run_id: 
         params={"method": stage.method["name"], **vars(params), **arch_params("arch", stage.arch),
                 **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed,
                 "stage_key": stage.key},
-        tags={},
+        tags=lineage_tags(sources),
     )
     status, reason = "FAILED", None
     try:
         data = load_dataset(stage.data, device)
-        model = new_model(stage.arch, data, stage.seed).to(device)
-        distiller = method(model, [], params)
+        model = new_model(stage.arch, data, stage.seed)
+        distiller = method(model, [s.model for s in sources], params).to(device)
 
         def log(report: EpochReport) -> None:
             tracker.log_metrics(run_id, report.metrics, report.epoch)
@@ -95,21 +126,38 @@ def train_stage(stage: StageSpec, device: str, tracker: Tracker, parent_run_id: 
         tracker.finish(run_id, status, reason)
 
 
-def resolve_stage(
-    stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu"
-) -> tuple[StageRecord, StagedModel]:
-    """The trained stage and its frozen model on `device`, training it first if no one has."""
+def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu") -> Source:
+    """The trained stage and its frozen model on `device`; trains it (parents first) if absent."""
     store = StageStore(context.storage)
-    record, _ = store.get_or_train(
-        stage, lambda s: train_stage(s, device, tracker, context.parent_run_id)
-    )
+    record = store.get(stage.key)
+    if record is None:
+        parents = [resolve_stage(p, context, tracker, device) for p in stage.parents]
+        record, _ = store.get_or_train(
+            stage, lambda s: train_stage(s, parents, device, tracker, context.parent_run_id)
+        )
     key = (record.key, device)
     if key not in _models:
         _models[key] = record.load_model(device)
-    return record, _models[key]
+    return Source(stage, record, _models[key])
+
+
+def trial_sources(
+    spec: SweepSpec, plan: TrialPlan, data: Dataset, context: SweepContext, tracker: Tracker, device: str
+) -> list[Source]:
+    """The frozen sources of a trial's method, trained first where no one has yet."""
+    sources = source_plan(spec, data.num_classes, input_shape(data))
+    stages = source_stages(plan.method, plan.params, sources)
+    return [resolve_stage(stage, context, tracker, device) for stage in stages]
+
+
+def build_distiller(plan: TrialPlan, student_arch: dict[str, Any], data: Dataset, seed: int,
+                    sources: list[Source], device: str) -> Distiller:
+    """The trial's distiller: a fresh student (seeded) learning from the frozen sources."""
+    student = new_model(student_arch, data, seed)
+    return DISTILLERS.get(plan.method)(student, [s.model for s in sources], plan.params).to(device)
 
 
 def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
     """`resolve_stage` for a Ray task: returns only the (picklable) record."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    return resolve_stage(stage, context, Tracker(context.tracking_uri), device)[0]
+    return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record

@@ -25,8 +25,9 @@ from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.export import ExportResult, export_student
-from sweeps.pipeline import SweepContext, ensure_stage, load_dataset, new_model
-from sweeps.space import SearchSpace, TrialPlan, baseline_stage, resolve_trial, teacher_stage
+from sweeps.pipeline import SweepContext, build_distiller, ensure_stage, load_dataset, trial_sources
+from sweeps.sources import baseline_stage, teacher_stage
+from sweeps.space import SearchSpace, TrialPlan, resolve_trial
 from sweeps.spec import SpecError, SweepSpec
 from sweeps.tracking import TAG_SPEC, TAG_STORAGE, TAG_SWEEP, TAG_TRIAL, Tracker
 from sweeps.trainable import train_trial
@@ -248,12 +249,15 @@ def _finish(
     ).remote(baseline_stage(spec, plan.recipe), context, spec.sweep.device))
     teacher = StageStore(storage).get(teacher_stage(spec).key) if spec.teacher else None
 
-    student = new_model(spec.student.arch.model_dump(), data, spec.sweep.seed)
-    student.load_state_dict(best_state)
+    # The method's deployable (for SimKD: encoder + projector + the teacher's head).
+    sources = trial_sources(spec, plan, data, context, tracker, "cpu")
+    distiller = build_distiller(plan, spec.student.arch.model_dump(), data, spec.sweep.seed, sources, "cpu")
+    deployable = distiller.deployable()
+    deployable.load_state_dict(best_state)
     best_run = next(r for r in tracker.children(parent_run_id, "trial")
                     if r.data.tags.get(TAG_TRIAL) == best.trial_id)
     export = export_student(
-        student, data, storage / name / "export", tracker, parent_run_id, spec.registered_model,
+        deployable, data, storage / name / "export", tracker, parent_run_id, spec.registered_model,
         meta={"sweep": name, "trial_id": best.trial_id, "run_id": best_run.info.run_id,
               "method": plan.method, "params": plan.param_dict(), "arch": spec.student.arch.model_dump(),
               "recipe": plan.recipe.as_dict(), "val_acc": best.metrics[METRIC]},

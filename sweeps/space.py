@@ -9,7 +9,6 @@ import optuna
 
 from kd_core.distillers import DISTILLERS, MethodParams
 from kd_core.recipes import Recipe
-from kd_core.stages import StageSpec
 from sweeps.spec import ParamSpec, SweepSpec
 
 
@@ -53,7 +52,7 @@ class TrialPlan:
 
 def resolve_trial(spec: SweepSpec, sampled: dict[str, Any]) -> TrialPlan:
     method = sampled.get("method.name", spec.method.name)
-    base = dict(spec.method.params) if method == spec.method.name else {}
+    base = spec.fixed_params(method)
     searched = {
         path.split(".", 1)[1]: value
         for path, value in sampled.items()
@@ -64,31 +63,3 @@ def resolve_trial(spec: SweepSpec, sampled: dict[str, Any]) -> TrialPlan:
     }
     params = DISTILLERS.get(method).make_params({**base, **searched})
     return TrialPlan(method, params, spec.recipe.build(recipe_overrides), dict(sampled))
-
-
-def teacher_stage(spec: SweepSpec) -> StageSpec:
-    assert spec.teacher is not None
-    return StageSpec(
-        role="teacher",
-        arch=spec.teacher.arch.model_dump(),
-        data=spec.data.model_dump(),
-        recipe=spec.teacher_recipe.build().as_dict(),
-        seed=spec.teacher.seed,
-    )
-
-
-def baseline_stage(spec: SweepSpec, recipe: Recipe) -> StageSpec:
-    """The CE-only student of the spec's architecture, trained with `recipe`."""
-    return StageSpec(
-        role="baseline",
-        arch=spec.student.arch.model_dump(),
-        data=spec.data.model_dump(),
-        recipe=recipe.as_dict(),
-        seed=spec.sweep.seed,
-    )
-
-
-def source_stages(spec: SweepSpec, method: str) -> list[StageSpec]:
-    """The frozen stages a method learns from, in the order of its `source_roles`."""
-    stages = {"teacher": teacher_stage} if spec.teacher is not None else {}
-    return [stages[role](spec) for role in DISTILLERS.get(method).source_roles]

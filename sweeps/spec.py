@@ -26,6 +26,7 @@ from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import MODELS
 from kd_core.recipes import RECIPES, Recipe
 from kd_core.registry import Registry
+from sweeps.sources import source_plan
 
 SEARCH_PREFIXES = ("method.", "recipe.")
 
@@ -148,16 +149,11 @@ class RecipeSpec(BaseModel):
 
 
 class MethodSpec(Strict):
+    """The method, and fixed parameter values; each value applies to every candidate method
+    (the fixed one, or those `method.name` searches over) that has a parameter of that name."""
+
     name: Annotated[str, registered(DISTILLERS)] = "kd"
     params: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("params")
-    @classmethod
-    def _params(cls, params: dict[str, Any], info: Any) -> dict[str, Any]:
-        if "name" not in info.data:
-            return params
-        typed = dataclass_from_dict(DISTILLERS.get(info.data["name"]).Params, params)
-        return {key: getattr(typed, key) for key in params}
 
 
 class TeacherSpec(Strict):
@@ -168,6 +164,10 @@ class TeacherSpec(Strict):
 
 class StudentSpec(Strict):
     arch: ArchSpec
+
+
+def param_names(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(DISTILLERS.get(method).Params)]
 
 
 class ParamSpec(Strict):
@@ -212,9 +212,6 @@ class ParamSpec(Strict):
             if values.get(path) not in allowed:
                 return False
         return True
-
-    def possible_values(self) -> list[Any] | None:
-        return list(self.choices) if self.type == "categorical" else None
 
 
 class SchedulerSpec(Strict):
@@ -261,6 +258,9 @@ class SweepSpec(Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec | None = None
     student: StudentSpec
+    #: Teacher-assistant architectures, largest first; methods with n assistants use the first
+    #: n. Default: 3 sizes spaced between teacher and student when both are one family.
+    assistants: list[ArchSpec] | None = None
     method: MethodSpec = Field(default_factory=MethodSpec)
     recipe: RecipeSpec = Field(default_factory=RecipeSpec)
     search: dict[str, ParamSpec]
@@ -283,13 +283,10 @@ class SweepSpec(Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> SweepSpec:
+        check_method_choices(self)
+        self.method.params = check_method_params(self)
         check_search_space(self)
-        if self.teacher is None and any(
-            DISTILLERS.get(m).source_roles for m in self.candidate_methods()
-        ):
-            raise ValueError("teacher: required by method(s) "
-                             + ", ".join(m for m in self.candidate_methods()
-                                         if DISTILLERS.get(m).source_roles))
+        check_sources(self)
         return self
 
     @property
@@ -304,9 +301,63 @@ class SweepSpec(Strict):
         searched = self.search.get("method.name")
         return list(searched.choices) if searched else [self.method.name]
 
+    def fixed_params(self, method: str) -> dict[str, Any]:
+        """The spec's fixed parameter values that `method` has."""
+        names = param_names(method)
+        return {k: v for k, v in self.method.params.items() if k in names}
+
     def fixed_values(self) -> dict[str, Any]:
         """Values of searchable paths that are not searched (for `when` conditions)."""
         return {"method.name": self.method.name}
+
+
+def check_method_choices(spec: SweepSpec) -> None:
+    searched = spec.search.get("method.name")
+    if searched is None:
+        return
+    if searched.type != "categorical":
+        raise ValueError("search.method.name: method.name takes 'choices'")
+    for choice in searched.choices or []:
+        if choice not in DISTILLERS:
+            raise ValueError(f"search.method.name: unknown method {choice!r} "
+                             f"(known: {', '.join(DISTILLERS.names())})")
+
+
+def check_sources(spec: SweepSpec) -> None:
+    """Every candidate method can build its source stages, at every extreme of its searched
+    parameters (a missing teacher, too few assistants, ...)."""
+    plan = source_plan(spec, num_classes=10, input_shape=(3, 32, 32))  # shapes change no stage
+    for method in spec.candidate_methods():
+        cls = DISTILLERS.get(method)
+        probes: list[dict[str, Any]] = [{}]
+        for path, param in spec.search.items():
+            if path.startswith("method.") and path != "method.name" and method in _method_classes(spec, param):
+                probes += [{path.split(".", 1)[1]: value} for value in _probe_values(param)]
+        for probe in probes:
+            params = dataclass_from_dict(cls.Params, {**spec.fixed_params(method), **probe})
+            try:
+                cls.source_stages(params, plan)
+            except ValueError as error:
+                at = f" with {', '.join(f'{k}={v}' for k, v in probe.items())}" if probe else ""
+                raise ValueError(f"method {method}{at}: {error}") from None
+
+
+def check_method_params(spec: SweepSpec) -> dict[str, Any]:
+    """Fixed method params, each known to some candidate method and valid for all that have it;
+    returns them coerced to their types."""
+    params = dict(spec.method.params)
+    candidates = spec.candidate_methods()
+    for key in params:
+        if not any(key in param_names(m) for m in candidates):
+            known = sorted({n for m in candidates for n in param_names(m)})
+            raise ValueError(f"method.params: unknown parameter {key!r} (known: {', '.join(known)})")
+    for method in candidates:
+        try:
+            typed = dataclass_from_dict(DISTILLERS.get(method).Params, spec.fixed_params(method))
+        except ValueError as error:
+            raise ValueError(f"method.params: {error}") from None
+        params.update({k: getattr(typed, k) for k in spec.fixed_params(method)})
+    return params
 
 
 def _method_classes(spec: SweepSpec, param: ParamSpec) -> dict[str, type[Distiller]]:
@@ -333,12 +384,7 @@ def check_search_space(spec: SweepSpec) -> None:
                 )
         field = path.split(".", 1)[1]
         if path == "method.name":
-            if param.type != "categorical":
-                raise ValueError(f"{where}: method.name takes 'choices'")
-            for choice in param.choices or []:
-                if choice not in DISTILLERS:
-                    raise ValueError(f"{where}: unknown method {choice!r} "
-                                     f"(known: {', '.join(DISTILLERS.names())})")
+            pass  # checked by check_method_choices
         elif path.startswith("method."):
             methods = _method_classes(spec, param)
             lacking = [n for n, cls in methods.items()
@@ -349,7 +395,7 @@ def check_search_space(spec: SweepSpec) -> None:
                     " (restrict it with when: {method.name: [...]})"
                 )
             for name, cls in methods.items():
-                base = _base_params(spec, name)
+                base = spec.fixed_params(name)
                 _check_values(where, param,
                               lambda v, c=cls, b=base, f=field: dataclass_from_dict(c.Params, {**b, f: v}))
         else:
@@ -357,18 +403,17 @@ def check_search_space(spec: SweepSpec) -> None:
         seen.append(path)
 
 
-def _base_params(spec: SweepSpec, method: str) -> dict[str, Any]:
-    return dict(spec.method.params) if method == spec.method.name else {}
+def _probe_values(param: ParamSpec) -> list[Any]:
+    """The extremes of a range, or every choice."""
+    if param.type == "categorical":
+        return list(param.choices or [])
+    cast = int if param.type == "int" else float
+    return [cast(param.low), cast(param.high)]
 
 
 def _check_values(where: str, param: ParamSpec, build: Any) -> None:
     """Build with the extreme (or every categorical) value so bad ranges fail now."""
-    if param.type == "categorical":
-        probes = param.choices or []
-    else:
-        cast = int if param.type == "int" else float
-        probes = [cast(param.low), cast(param.high)]
-    for value in probes:
+    for value in _probe_values(param):
         try:
             build(value)
         except ValueError as error:

@@ -13,17 +13,17 @@ import ray
 import torch
 from ray import tune
 
-from kd_core.distillers import DISTILLERS
 from kd_core.train import EpochReport, NonFiniteLossError, fit, load_checkpoint
 from sweeps.pipeline import (
     SweepContext,
     arch_params,
+    build_distiller,
+    lineage_tags,
     load_dataset,
-    new_model,
     recipe_params,
-    resolve_stage,
+    trial_sources,
 )
-from sweeps.space import resolve_trial, source_stages
+from sweeps.space import resolve_trial
 from sweeps.spec import SweepSpec
 from sweeps.tracking import TAG_TRIAL, Tracker
 
@@ -37,13 +37,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     device = spec.sweep.device
     data = load_dataset(spec.data.model_dump(), device)
 
-    sources, lineage = [], {}
-    for stage in source_stages(spec, plan.method):
-        record, model = resolve_stage(stage, context, tracker, device)
-        sources.append(model)
-        lineage[f"kdsweep.{stage.role}_stage_key"] = record.key
-        lineage[f"kdsweep.{stage.role}_run_id"] = record.run_id or ""
-
+    sources = trial_sources(spec, plan, data, context, tracker, device)
     student_arch = spec.student.arch.model_dump()
     run_id = tracker.open_child(
         context.parent_run_id, "trial", TAG_TRIAL, trial_id, f"trial-{trial_id}",
@@ -51,12 +45,11 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
                 **({"teacher": arch_params("teacher", spec.teacher.arch.model_dump())["teacher"]}
                    if spec.teacher else {})},
-        tags={**lineage, "kdsweep.node_ip": ray.util.get_node_ip_address()},
+        tags={**lineage_tags(sources), "kdsweep.node_ip": ray.util.get_node_ip_address()},
     )
     status, reason = "FAILED", None
     try:
-        student = new_model(student_arch, data, spec.sweep.seed)
-        distiller = DISTILLERS.get(plan.method)(student, sources, plan.params).to(device)
+        distiller = build_distiller(plan, student_arch, data, spec.sweep.seed, sources, device)
         checkpoint = tune.get_checkpoint()
         resume = None
         if checkpoint is not None:

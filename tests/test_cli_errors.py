@@ -42,7 +42,7 @@ CASES = [
     ("negative epochs", {"recipe": {"name": "digits", "epochs": -1}}, [], "epochs must be >= 1"),
     ("empty search", {"search": {}}, [], "the search space is empty"),
     ("bad range", {"search": {"method.T": {"low": 3, "high": 1}}}, [], "search.method.T: low"),
-    ("missing teacher", {"teacher": None}, [], "teacher: required by method(s) kd"),
+    ("missing teacher", {"teacher": None}, [], "method kd: needs a teacher"),
     ("zero trials", {}, ["--num-trials", "0"], "--num-trials"),
     ("bad name", {}, ["--name", "a b"], "--name 'a b'"),
     ("file store", {}, ["--tracking-uri", "file:./mlruns"], "does not accept file stores"),

@@ -75,6 +75,6 @@ def test_param_errors_name_the_parameter() -> None:
 
 
 def test_source_count_is_checked() -> None:
-    ce = DISTILLERS.get("ce")
-    with pytest.raises(ValueError, match="needs sources"):
-        ce(small(4), [small(8)], ce.make_params())
+    kd = DISTILLERS.get("kd")
+    with pytest.raises(ValueError, match="KDDistiller learns from exactly 1 source, got 0"):
+        kd(small(4), [], kd.make_params())

@@ -7,7 +7,8 @@ import pickle
 import optuna
 from ray.tune.search.optuna import OptunaSearch
 
-from sweeps.space import SearchSpace, resolve_trial, source_stages, teacher_stage
+from sweeps.sources import source_plan, source_stages, teacher_stage
+from sweeps.space import SearchSpace, resolve_trial
 from sweeps.spec import parse_spec
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -61,7 +62,8 @@ def test_conditional_parameters_follow_the_method(spec_dict) -> None:
         assert "method.w_ce" in params
         plan = resolve_trial(spec, params)
         assert plan.method == params["method.name"]
-        assert len(source_stages(spec, plan.method)) == (1 if plan.method == "kd" else 0)
+        stages = source_stages(plan.method, plan.params, source_plan(spec, 10, (1, 8, 8)))
+        assert len(stages) == (1 if plan.method == "kd" else 0)
 
 
 def test_resolved_plan_merges_spec_and_sampled_values(spec_dict) -> None:
@@ -75,7 +77,11 @@ def test_resolved_plan_merges_spec_and_sampled_values(spec_dict) -> None:
 
 def test_teacher_stage_is_the_same_for_every_trial(spec_dict) -> None:
     spec = parse_spec(spec_dict)
-    keys = {source_stages(spec, resolve_trial(spec, p).method)[0].key for p in sample(spec, 5)}
+    sources = source_plan(spec, 10, (1, 8, 8))
+    keys = set()
+    for params in sample(spec, 5):
+        plan = resolve_trial(spec, params)
+        keys |= {stage.key for stage in source_stages(plan.method, plan.params, sources)}
     assert keys == {teacher_stage(spec).key}
 
 

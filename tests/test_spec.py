@@ -52,7 +52,7 @@ BAD = [
     ("student/arch/args", {"width": "wide"}, "student.arch.args: width: Input should be a valid integer"),
     ("method/name", "fitnet", "method.name: unknown method 'fitnet'"),
     ("method/params", {"T": -1}, "method.params: T must be > 0"),
-    ("method/params", {"alpha": 0.5}, "method.params: unknown field 'alpha'"),
+    ("method/params", {"alpha": 0.5}, "method.params: unknown parameter 'alpha'"),
     ("recipe", {"name": "digits", "epochs": -5}, "recipe: epochs must be >= 1, got -5"),
     ("recipe", {"name": "fast"}, "recipe.name: unknown recipe 'fast'"),
     ("recipe", {"name": "digits", "lr": "quick"}, "recipe: lr: Input should be a valid number"),
@@ -74,7 +74,7 @@ BAD = [
     ("search", {"method.T": {"low": 1, "high": 4, "when": {"method.w_kd": 0.5}}},
      "search.method.T.when: 'method.w_kd' must be a parameter listed before"),
     ("search", {"method.T": {"type": "int", "low": 1.5, "high": 4}}, "search.method.T: an int parameter needs whole-number"),
-    ("teacher", None, "teacher: required by method(s) kd"),
+    ("teacher", None, "method kd: needs a teacher (add a 'teacher' section)"),
     ("name", "my sweep!", "name: use letters, digits"),
 ]
 

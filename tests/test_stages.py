@@ -28,10 +28,12 @@ def test_key_is_stable_and_covers_every_determinant() -> None:
         spec(recipe={**RECIPE, "lr": 0.1}),
         spec(seed=1),
         spec(method={"name": "kd", "params": {}}),
-        spec(parents=("abc",)),
+        spec(parents=(spec(role="assistant", seed=5),)),
     ]
     keys = {v.key for v in variants} | {spec().key}
     assert len(keys) == len(variants) + 1
+    # a parent counts through its key: changing the parent changes the child
+    assert spec(parents=(spec(seed=1),)).key != spec(parents=(spec(seed=2),)).key
 
 
 def train_logged(stage: StageSpec, log: Path, seconds: float = 0.0) -> TrainedStage:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from kd_core.models.base import StagedModel
+from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -40,26 +41,32 @@ class MethodParams:
 
 
 class Distiller(nn.Module):
-    """Base class: holds the student and the frozen sources of one stage."""
+    """Base class: holds the student and the frozen sources of one stage.
+
+    Hooks a method may override: `source_stages` (which frozen stages it learns from),
+    `trainable_modules` / `param_groups` (what the optimizer updates, with lr scales),
+    `after_step` (an extra update with the method's own optimizer), `deployable`.
+    """
 
     Params: ClassVar[type[MethodParams]] = MethodParams
-    #: Roles of the frozen source stages this method needs, largest first.
-    source_roles: ClassVar[tuple[str, ...]] = ()
+    #: Whether the sources' outputs stay fixed during training (cacheable across trials).
+    frozen_sources: ClassVar[bool] = True
 
     def __init__(
         self, student: StagedModel, sources: Sequence[StagedModel], params: MethodParams
     ) -> None:
         super().__init__()
-        if len(sources) != len(self.source_roles):
-            raise ValueError(
-                f"{type(self).__name__} needs sources {self.source_roles}, got {len(sources)}"
-            )
         self.student = student
         self.sources = nn.ModuleList(sources)
         self.params = params
         for source in self.sources:
             source.requires_grad_(False)
             source.eval()
+
+    def expect_sources(self, count: int) -> None:
+        if len(self.sources) != count:
+            raise ValueError(f"{type(self).__name__} learns from exactly {count} "
+                             f"source{'s' * (count != 1)}, got {len(self.sources)}")
 
     @classmethod
     def make_params(cls, values: dict[str, Any] | None = None) -> MethodParams:
@@ -79,9 +86,24 @@ class Distiller(nn.Module):
             source.eval()  # frozen sources never leave eval mode
         return self
 
+    @classmethod
+    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
+        """The frozen stages this method learns from, in the order `__init__` receives them."""
+        return []
+
     def trainable_modules(self) -> list[nn.Module]:
         """Modules whose parameters the optimizer updates."""
         return [self.student]
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; a group's optional `lr_scale` multiplies the recipe lr."""
+        return [{"params": [p for m in self.trainable_modules() for p in m.parameters()]}]
+
+    def after_step(
+        self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
+    ) -> dict[str, float]:
+        """An extra update after the optimizer step (e.g. a discriminator); returns metrics."""
+        return {}
 
     @property
     def weights(self) -> dict[str, float]:

@@ -19,7 +19,6 @@ class CEParams(MethodParams):
 @DISTILLERS.register("ce")
 class CEDistiller(Distiller):
     Params = CEParams
-    source_roles = ()
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import torch
 
 from kd_core.distillers.base import Distiller, MethodParams
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.models.base import StagedModel
+from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -31,7 +34,14 @@ class KDParams(MethodParams):
 @DISTILLERS.register("kd")
 class KDDistiller(Distiller):
     Params = KDParams
-    source_roles = ("teacher",)
+
+    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: KDParams) -> None:
+        super().__init__(student, sources, params)
+        self.expect_sources(1)
+
+    @classmethod
+    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
+        return [plan.require_teacher()]
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor
