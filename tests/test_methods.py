@@ -1,0 +1,265 @@
+"""DGKD, TAKD, SimKD, SOKD, DML: loss terms by hand, gradient flow, stage graphs."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kd_core.distillers import DISTILLERS
+from kd_core.distillers.dgkd import DGKDParams, keep_mask
+from kd_core.models import build_model
+from kd_core.recipes import build_recipe
+from kd_core.stages import SourcePlan, StageSpec
+
+RECIPE = build_recipe("digits", {"epochs": 1}).as_dict()
+DATA = {"name": "digits", "seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
+
+
+def convnet(width: int, seed: int = 0, depth: int = 1):
+    torch.manual_seed(seed)
+    return build_model("convnet", 10, 1, {"width": width, "depth": depth}).double()
+
+
+def kd_by_hand(student: torch.Tensor, teacher: torch.Tensor, t: float, reduction: str = "batchmean") -> torch.Tensor:
+    """T^2 * sum_c p_t (log p_t - log p_s), averaged over the batch (and classes for `mean`)."""
+    p_t = torch.exp(teacher / t) / torch.exp(teacher / t).sum(1, keepdim=True)
+    log_p_s = student / t - torch.log(torch.exp(student / t).sum(1, keepdim=True))
+    kl = (p_t * (torch.log(p_t) - log_p_s)).sum() / student.shape[0]
+    return t * t * (kl / student.shape[1] if reduction == "mean" else kl)
+
+
+def ce_by_hand(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    log_p = logits - torch.log(torch.exp(logits).sum(1, keepdim=True))
+    return -log_p[torch.arange(len(labels)), labels].mean()
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    return torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.tensor([0, 1, 2, 3, 4, 5])
+
+
+def plan(teacher: StageSpec | None = None, assistants: int = 3, fixed: dict | None = None) -> SourcePlan:
+    teacher = teacher or StageSpec("teacher", {"name": "convnet", "args": {"width": 16, "depth": 1}}, DATA, RECIPE)
+    ladder = tuple({"name": "convnet", "args": {"width": w, "depth": 1}} for w in (12, 8, 6)[:assistants])
+    return SourcePlan(teacher, ladder, {"name": "convnet", "args": {"width": 4, "depth": 1}}, DATA, RECIPE,
+                      seed=0, num_classes=10, input_shape=(1, 8, 8), fixed_params=fixed or {})
+
+
+# DGKD -------------------------------------------------------------------------------------
+
+
+def test_dgkd_terms_by_hand(batch) -> None:
+    images, labels = batch
+    student, sources = convnet(4), [convnet(16, 1), convnet(8, 2), convnet(6, 3)]
+    dgkd = DISTILLERS.get("dgkd")
+    distiller = dgkd(student, sources, dgkd.make_params({"drop_mode": "none", "T": 3.0, "kl_reduction": "mean"}))
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    with torch.no_grad():
+        expected_kd = sum(kd_by_hand(logits, s.eval()(images), 3.0, "mean") for s in sources)
+    torch.testing.assert_close(terms["kd"], expected_kd)
+    torch.testing.assert_close(terms["ce"], ce_by_hand(logits, labels))
+    assert distiller.weights == {"ce": 0.0, "kd": 1.0}
+
+
+def keep_rates(num_sources: int, draws: int = 20000, **options) -> tuple[torch.Tensor, list[int]]:
+    params = DGKDParams(**options)
+    generator = torch.Generator().manual_seed(0)
+    masks = torch.tensor([keep_mask(num_sources, params, generator) for _ in range(draws)], dtype=torch.float64)
+    assert masks.sum(1).min() >= 1  # never every source dropped
+    return masks.mean(0), masks.sum(1).long().tolist()
+
+
+def test_bernoulli_keep_rates() -> None:
+    rates, _ = keep_rates(4, drop_mode="bernoulli", keep_prob=0.75)
+    # All four dropped (prob 0.25^4) re-keeps one of them uniformly.
+    expected = 0.75 + 0.25**4 / 4
+    assert torch.allclose(rates, torch.full((4,), expected, dtype=torch.float64), atol=0.015)
+    rates, _ = keep_rates(4, drop_mode="bernoulli", keep_prob=0.5, drop_teacher=False)
+    assert rates[0] == 1.0
+    assert torch.allclose(rates[1:], torch.full((3,), 0.5, dtype=torch.float64), atol=0.015)
+
+
+def test_drop_k_keep_rates() -> None:
+    rates, kept = keep_rates(4, drop_mode="drop_k", drop_k=1)
+    assert set(kept) == {3}  # exactly one removed each time
+    assert torch.allclose(rates, torch.full((4,), 0.75, dtype=torch.float64), atol=0.015)
+    rates, kept = keep_rates(4, drop_mode="drop_k", drop_k=1, drop_teacher=False)
+    assert rates[0] == 1.0 and set(kept) == {3}
+    assert torch.allclose(rates[1:], torch.full((3,), 2 / 3, dtype=torch.float64), atol=0.015)
+    _, kept = keep_rates(2, draws=200, drop_mode="drop_k", drop_k=5)
+    assert set(kept) == {1}  # k is capped so one source always teaches
+    _, kept = keep_rates(1, draws=50, drop_mode="drop_k", drop_k=1)
+    assert set(kept) == {1}
+
+
+def test_dgkd_stage_graph_is_dense_and_shared_across_assistant_counts() -> None:
+    dgkd = DISTILLERS.get("dgkd")
+    stages = {n: dgkd.source_stages(dgkd.make_params({"num_assistants": n, "T": 2.0 + n}), plan()) for n in range(4)}
+    assert [s.role for s in stages[3]] == ["teacher", "assistant", "assistant", "assistant"]
+    for i, stage in enumerate(stages[3][1:], start=1):
+        assert [p.key for p in stage.parents] == [s.key for s in stages[3][:i]]  # T and every larger TA
+        assert stage.method["name"] == "dgkd"
+    for n in range(4):  # a prefix of the same ladder: trials with fewer assistants reuse them
+        assert [s.key for s in stages[n]] == [s.key for s in stages[3][: n + 1]]
+    with pytest.raises(ValueError, match="needs 3 assistants but 2 are available"):
+        dgkd.source_stages(dgkd.make_params({"num_assistants": 3}), plan(assistants=2))
+
+
+def test_takd_learns_from_the_immediate_parent_only() -> None:
+    takd = DISTILLERS.get("takd")
+    (source,) = takd.source_stages(takd.make_params({"num_assistants": 3}), plan())
+    chain = [source]
+    while chain[-1].parents:
+        (parent,) = chain[-1].parents
+        chain.append(parent)
+    assert [s.role for s in chain] == ["assistant", "assistant", "assistant", "teacher"]
+    assert [s.arch["args"]["width"] for s in chain] == [6, 8, 12, 16]
+    (direct,) = takd.source_stages(takd.make_params({"num_assistants": 0}), plan())
+    assert direct.role == "teacher"
+
+
+# SimKD ------------------------------------------------------------------------------------
+
+
+def test_simkd_terms_prediction_and_unused_student_head(batch) -> None:
+    images, labels = batch
+    student, teacher = convnet(4), convnet(16, 1)
+    simkd = DISTILLERS.get("simkd")
+    distiller = simkd(student, [teacher], simkd.make_params({"r": 2, "w_ce": 0.5})).double()
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    with torch.no_grad():
+        teacher_map = teacher.prehead(images)
+    projected = distiller.projector(distiller.deploy.encoder(images))
+    torch.testing.assert_close(terms["feat"], ((projected - teacher_map) ** 2).mean())
+    torch.testing.assert_close(logits, teacher.head(projected))  # predicted by the teacher's head
+    torch.testing.assert_close(terms["ce"], ce_by_hand(logits, labels))
+    (terms["feat"] + terms["ce"]).backward()
+    assert all(p.grad is None for p in student.head.parameters())  # the student classifier is unused
+    assert all(p.grad is None for p in teacher.parameters())
+    assert all(p.grad is not None for p in distiller.projector.parameters())
+    distiller.eval()
+    torch.testing.assert_close(distiller.deployable()(images), teacher.head(distiller.deploy.project(images)))
+
+
+def test_simkd_deployable_counts_encoder_projector_and_teacher_head() -> None:
+    student, teacher = convnet(4), convnet(16, 1)
+    simkd = DISTILLERS.get("simkd")
+    sizes = {}
+    for r in (1, 2, 4):
+        deploy = simkd(copy.deepcopy(student), [teacher], simkd.make_params({"r": r})).deployable()
+        sizes[r] = sum(p.numel() for p in deploy.parameters())
+        encoder = sum(p.numel() for m in (student.stem, student.stages) for p in m.parameters())
+        projector = sum(p.numel() for p in deploy.projector.parameters())
+        assert sizes[r] == encoder + projector + sum(p.numel() for p in teacher.head.parameters())
+    assert sizes[1] > sizes[2] > sizes[4]
+
+
+def test_simkd_pools_a_larger_student_map_to_the_teacher_size(batch) -> None:
+    images, labels = batch
+    student, teacher = convnet(4), convnet(16, 1)
+    student.neck = nn.Upsample(scale_factor=2)  # student map 4x4, teacher map 2x2
+    simkd = DISTILLERS.get("simkd")
+    distiller = simkd(student, [teacher], simkd.make_params()).double()
+    distiller.train()
+    _, terms = distiller.forward_train(images, labels)
+    assert distiller.deploy.aligned_size.tolist() == [2, 2]
+    projected = distiller.projector(F.adaptive_avg_pool2d(distiller.deploy.encoder(images), (2, 2)))
+    with torch.no_grad():
+        torch.testing.assert_close(terms["feat"], ((projected - teacher.prehead(images)) ** 2).mean())
+    # the alignment travels with the deployable's state dict
+    rebuilt = simkd(copy.deepcopy(student), [teacher], simkd.make_params()).double()
+    rebuilt.deployable().load_state_dict(distiller.deployable().state_dict())
+    assert rebuilt.deploy.aligned_size.tolist() == [2, 2]
+
+
+# SOKD -------------------------------------------------------------------------------------
+
+
+def test_sokd_terms_by_hand_and_no_direct_teacher_term(batch) -> None:
+    images, labels = batch
+    student, teacher = convnet(4), convnet(16, 1)
+    sokd = DISTILLERS.get("sokd")
+    distiller = sokd(student, [teacher], sokd.make_params({"teacher_bn": "eval", "T": 2.0})).double()
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    with torch.no_grad():
+        trunk = teacher.stages[1](teacher.stages[0](teacher.stem(images)))
+        teacher_logits = teacher(images)
+    bridge_logits = distiller.bridge(trunk)
+    torch.testing.assert_close(terms["kd"], kd_by_hand(logits, bridge_logits, 2.0))
+    torch.testing.assert_close(terms["ce"], ce_by_hand(logits, labels))
+    torch.testing.assert_close(terms["bridge_ce"], ce_by_hand(bridge_logits, labels))
+    torch.testing.assert_close(terms["bridge_t"], kd_by_hand(bridge_logits, teacher_logits, 2.0))
+    torch.testing.assert_close(terms["bridge_s"], kd_by_hand(bridge_logits, logits, 2.0))
+    # The student's terms do not depend on the teacher's last stage: only the bridge's does.
+    with torch.no_grad():
+        for p in teacher.stages[2].parameters():
+            p.add_(1.0)
+    _, again = distiller.forward_train(images, labels)
+    torch.testing.assert_close(again["kd"], terms["kd"])
+    torch.testing.assert_close(again["ce"], terms["ce"])
+    assert not torch.allclose(again["bridge_t"], terms["bridge_t"])
+
+
+def test_sokd_gradients_bn_and_bridge_init(batch) -> None:
+    images, labels = batch
+    student, teacher = convnet(4), convnet(16, 1)
+    shared = copy.deepcopy(teacher.state_dict())
+    sokd = DISTILLERS.get("sokd")
+    distiller = sokd(student, [teacher], sokd.make_params({"teacher_bn": "train", "bridge_lr_scale": 0.5})).double()
+    distiller.train()
+    _, terms = distiller.forward_train(images, labels)
+    sum(terms.values()).backward()
+    private = distiller.sources[0]
+    assert private is not teacher  # BN in train mode works on a copy of the shared teacher
+    assert all(p.grad is None for p in private.parameters())
+    assert all(p.grad is not None for p in distiller.bridge.parameters())
+    assert not torch.equal(private.stem[0][1].running_mean, shared["stem.0.1.running_mean"])  # BN updated
+    for key, value in teacher.state_dict().items():
+        torch.testing.assert_close(value, shared[key], rtol=0, atol=0)  # the shared teacher is untouched
+    assert [g.get("lr_scale", 1.0) for g in distiller.param_groups()] == [1.0, 0.5]
+    copied = sokd(convnet(4), [teacher], sokd.make_params({"bridge_init": "teacher_copy"}))
+    torch.testing.assert_close(copied.bridge.head.fc.weight, teacher.head.fc.weight)
+    fresh = sokd(convnet(4), [teacher], sokd.make_params({"bridge_init": "random"}))
+    assert not torch.allclose(fresh.bridge.head.fc.weight, teacher.head.fc.weight)
+
+
+# DML --------------------------------------------------------------------------------------
+
+
+def test_dml_terms_by_hand_and_both_networks_learn(batch) -> None:
+    images, labels = batch
+    dml = DISTILLERS.get("dml")
+    distiller = dml(convnet(4), [], dml.make_params({"T": 2.0})).double()
+    assert not torch.allclose(distiller.peer.head.fc.weight, distiller.student.head.fc.weight)
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    peer_logits = distiller.peer(images)
+    torch.testing.assert_close(terms["kd"], kd_by_hand(logits, peer_logits, 2.0))
+    torch.testing.assert_close(terms["peer_kd"], kd_by_hand(peer_logits, logits, 2.0))
+    torch.testing.assert_close(terms["peer_ce"], ce_by_hand(peer_logits, labels))
+    terms["kd"].backward()
+    assert all(p.grad is None for p in distiller.peer.parameters())  # the peer side is detached
+    assert any(p.grad is not None for p in distiller.student.parameters())
+
+
+@pytest.mark.parametrize("method", ["dgkd", "takd", "simkd", "sokd", "dml"])
+def test_one_epoch_of_fit_logs_every_term(method, digits) -> None:
+    from kd_core.train import fit
+
+    cls = DISTILLERS.get(method)
+    params = cls.make_params({"num_assistants": 0} if method in ("dgkd", "takd") else {})
+    sources = [] if method == "dml" else [build_model("convnet", 10, 1, {"width": 8})]
+    distiller = cls(build_model("convnet", 10, 1, {"width": 4}), sources, params)
+    reports = []
+    fit(distiller, digits, build_recipe("digits", {"epochs": 1}), callback=reports.append)
+    logged = {k.removeprefix("train_loss_") for k in reports[0].metrics if k.startswith("train_loss_")}
+    assert set(params.weights()) <= logged
+    assert all(torch.isfinite(torch.tensor(v)) for v in reports[0].metrics.values())

@@ -1,0 +1,59 @@
+"""Stage pipelines through the real stage store and MLflow (SQLite): each stage trains once."""
+
+from __future__ import annotations
+
+import pytest
+
+from kd_core.distillers import DISTILLERS
+from kd_core.stages import StageStore
+from sweeps.pipeline import SweepContext, load_dataset, resolve_stage, trial_sources
+from sweeps.sources import source_plan
+from sweeps.space import resolve_trial
+from sweeps.spec import parse_spec
+from sweeps.tracking import Tracker
+
+
+@pytest.fixture
+def sweep(tmp_path, spec_dict):
+    spec_dict["method"] = {"name": "dgkd", "params": {"drop_mode": "bernoulli"}}
+    spec_dict["teacher"]["recipe"] = {"name": "digits", "epochs": 1}
+    spec_dict["recipe"] = {"name": "digits", "epochs": 1}
+    spec_dict["search"] = {"method.num_assistants": {"type": "int", "low": 0, "high": 3}}
+    spec = parse_spec(spec_dict)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = tracker.start_sweep(tracker.experiment_id("pipeline"), "pipeline", {})
+    context = SweepContext("pipeline", spec.model_dump(mode="json"), str(tmp_path), tracker.uri, parent)
+    return spec, tracker, context
+
+
+def test_dgkd_trains_each_stage_once_across_assistant_counts(sweep, tmp_path) -> None:
+    spec, tracker, context = sweep
+    data = load_dataset(spec.data.model_dump())
+    for n in (1, 3, 2, 3, 1):  # trials using 1..3 assistants, in any order
+        plan = resolve_trial(spec, {"method.num_assistants": n})
+        sources = trial_sources(spec, plan, data, context, tracker, "cpu")
+        assert [s.stage.role for s in sources] == ["teacher"] + ["assistant"] * n
+    stored = [p for p in (tmp_path / "stages").iterdir() if p.is_dir() and not p.name.startswith(".")]
+    assert len(stored) == 4  # teacher + 3 assistants
+    runs = tracker.children(context.parent_run_id)
+    assert sorted(r.data.tags["kdsweep.role"] for r in runs) == ["assistant"] * 3 + ["teacher"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    # lineage: A_i records its parents T, A1..A(i-1)
+    by_key = {r.data.tags["kdsweep.stage_key"]: r for r in runs}
+    plan = resolve_trial(spec, {"method.num_assistants": 3})
+    stages = DISTILLERS.get("dgkd").source_stages(plan.params, source_plan(spec, 10, (1, 8, 8)))
+    third = by_key[stages[3].key]
+    assert third.data.tags["kdsweep.teacher_run_id"] == by_key[stages[0].key].info.run_id
+    assert third.data.tags["kdsweep.assistant_2_run_id"] == by_key[stages[2].key].info.run_id
+
+
+def test_a_stored_stage_is_reused_by_a_later_sweep(sweep, tmp_path) -> None:
+    spec, tracker, context = sweep
+    teacher = source_plan(spec, 10, (1, 8, 8)).teacher
+    first = resolve_stage(teacher, context, tracker)
+    later = SweepContext("later", context.spec, context.storage, tracker.uri,
+                         tracker.start_sweep(tracker.experiment_id("pipeline"), "later", {}))
+    again = resolve_stage(teacher, later, tracker)
+    assert again.record.key == first.record.key and again.record.run_id == first.record.run_id
+    assert tracker.children(later.parent_run_id) == []  # nothing trained for the later sweep
+    assert StageStore(tmp_path).get(teacher.key) is not None
