@@ -1,6 +1,14 @@
 """Staged models. Importing this package registers every family."""
 
-from kd_core.models import convnet  # noqa: F401  (registers the family)
+from kd_core.models import (  # noqa: F401  (importing registers the families)
+    cifar_resnet,
+    convnet,
+    mobilenetv2,
+    shufflenet,
+    torchvision_models,
+    vgg,
+    wrn,
+)
 from kd_core.models.base import Head, StagedModel
 from kd_core.models.registry import MODELS, build_model, check_model_args, model_arg_names
 
