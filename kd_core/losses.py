@@ -25,12 +25,20 @@ def kd_loss(
     teacher_logits: torch.Tensor,
     temperature: float,
     reduction: KLReduction = "batchmean",
+    *,
+    detach_teacher: bool = True,
 ) -> torch.Tensor:
-    """Temperature-scaled KL from the (detached) teacher to the student, times T^2."""
+    """Temperature-scaled KL from the teacher to the student, times T^2.
+
+    The teacher side is detached unless `detach_teacher=False` (SFTN trains its teacher
+    through this term).
+    """
     if reduction not in KL_REDUCTIONS:
         raise ValueError(f"kl_reduction must be one of {KL_REDUCTIONS}, got {reduction!r}")
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
-    log_p_teacher = F.log_softmax(teacher_logits.detach() / temperature, dim=1)
+    if detach_teacher:
+        teacher_logits = teacher_logits.detach()
+    log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     # Written out rather than F.kl_div(reduction="mean"), whose meaning PyTorch will change.
     kl_per_sample = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=1)
     kl = kl_per_sample.mean()

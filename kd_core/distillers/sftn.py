@@ -1,0 +1,166 @@
+"""SFTN: student-friendly teacher networks (Park et al., NeurIPS 2021).
+
+Stage 1 ("sftn_teacher") trains the teacher jointly with student branches: after teacher
+stage i (i < N-1) a branch maps the features through a 1x1 conv + BN + ReLU into student
+stages i+1..N-1 and the student's head. The branches' KL to the teacher is not detached, so
+the teacher learns outputs the student can follow. Stage 2 ("sftn") drops the branches and
+distills a fresh student from the frozen SFTN teacher with vanilla KD.
+
+No official code was found: the stage-1 weights, tau, the epochs and from-scratch vs
+fine-tune are options (METHODS.md section 6).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.kd import KDDistiller, KDParams
+from kd_core.distillers.registry import DISTILLERS
+from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.models.base import StagedModel
+from kd_core.models.registry import build_model
+from kd_core.stages import SourcePlan, StageSpec
+
+# Stage 1 ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SFTNTeacherParams(MethodParams):
+    student_arch: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"name": ..., "args": {...}}
+    w_t: float = 1.0  # CE of the teacher
+    w_rce: float = 1.0  # sum of the branches' CE
+    w_rkl: float = 3.0  # sum of the branches' KL to the teacher (not detached)
+    tau: float = 1.0
+    kl_reduction: str = "batchmean"
+    finetune: bool = False  # start from the parent (a trained CE teacher) instead of scratch
+
+    def validate(self) -> None:
+        super().validate()
+        if "name" not in self.student_arch:
+            raise ValueError("student_arch is required: {'name': ..., 'args': {...}}")
+        if self.tau <= 0:
+            raise ValueError(f"tau must be > 0, got {self.tau}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
+
+
+class StudentBranch(nn.Module):
+    """Teacher features after stage i -> transform -> student stages i+1.. -> neck -> head."""
+
+    def __init__(self, in_channels: int, student: StagedModel, index: int) -> None:
+        super().__init__()
+        out_channels = student.stage_channels[index]  # = the input channels of student stage i+1
+        self.transform = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        )
+        # Deep copies: every branch owns its weights.
+        self.stages = copy.deepcopy(student.stages[index + 1:])
+        self.neck, self.head = copy.deepcopy(student.neck), copy.deepcopy(student.head)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        x = self.transform(features)
+        for stage in self.stages:
+            x = stage(x)
+        return self.head(self.neck(x))
+
+
+@DISTILLERS.register("sftn_teacher")
+class SFTNTeacherDistiller(Distiller):
+    """Stage 1: `student` is the teacher being trained; the branches are trained with it."""
+
+    Params = SFTNTeacherParams
+    frozen_sources = False  # the model that is distilled from (the teacher) is being trained
+
+    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: SFTNTeacherParams) -> None:
+        super().__init__(student, sources, params)
+        self.expect_sources(1 if params.finetune else 0)
+        if params.finetune:
+            self.student.load_state_dict(self.sources[0].state_dict())
+        arch = params.student_arch
+        # in_channels is irrelevant: the branches start after the student's stem.
+        template = build_model(arch["name"], student.num_classes, 1, arch.get("args", {}))
+        if len(template.stages) != len(student.stages):
+            raise ValueError(f"SFTN needs as many teacher stages as student stages: the teacher has "
+                             f"{len(student.stages)} stages, the student {len(template.stages)}")
+        self.branches = nn.ModuleList(
+            StudentBranch(student.stage_channels[i], template, i) for i in range(len(student.stages) - 1)
+        )
+
+    @classmethod
+    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
+        raise ValueError("sftn_teacher is stage 1 of 'sftn', not a method to sweep on its own")
+
+    def trainable_modules(self) -> list[nn.Module]:
+        return [self.student, self.branches]
+
+    def forward_train(
+        self, images: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        p, teacher = self.params, self.student
+        features = teacher.stage_outputs(images)
+        logits = teacher.head(teacher.neck(features[-1]))
+        branch_logits = [branch(f) for branch, f in zip(self.branches, features[:-1], strict=True)]
+        return logits, {
+            "t_ce": cross_entropy(logits, labels),
+            "r_ce": torch.stack([cross_entropy(z, labels) for z in branch_logits]).sum(),
+            # detach_teacher=False: the KL gradient reaching the teacher is the point of SFTN.
+            "r_kl": torch.stack([kd_loss(z, logits, p.tau, p.kl_reduction, detach_teacher=False)
+                                 for z in branch_logits]).sum(),
+        }
+
+    def deployable(self) -> nn.Module:
+        return self.student  # the teacher alone; the branches are dropped
+
+
+# Stage 2 ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SFTNParams(KDParams):
+    stage1_w_t: float = 1.0
+    stage1_w_rce: float = 1.0
+    stage1_w_rkl: float = 3.0
+    stage1_tau: float = 1.0
+    stage1_epochs: int | None = None  # None: the teacher recipe's epochs
+    finetune: bool = False  # stage 1 fine-tunes the trained CE teacher instead of starting from scratch
+
+    def validate(self) -> None:
+        super().validate()
+        for name in ("stage1_w_t", "stage1_w_rce", "stage1_w_rkl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.stage1_tau <= 0:
+            raise ValueError(f"stage1_tau must be > 0, got {self.stage1_tau}")
+        if self.stage1_epochs is not None and self.stage1_epochs < 1:
+            raise ValueError(f"stage1_epochs must be >= 1 or None, got {self.stage1_epochs}")
+
+
+@DISTILLERS.register("sftn")
+class SFTNDistiller(KDDistiller):
+    """Stage 2: vanilla KD from the frozen SFTN teacher."""
+
+    Params = SFTNParams
+
+    @classmethod
+    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
+        teacher = plan.require_teacher()
+        # The SFTN teacher depends only on the spec's fixed values (over the defaults), never on
+        # a trial's sampled ones: trials that search T/w_kd share one SFTN teacher.
+        fixed = type(params)(**plan.fixed_params_of(type(params)))
+        stage1 = SFTNTeacherParams(
+            student_arch=plan.student_arch, w_t=float(fixed.stage1_w_t), w_rce=float(fixed.stage1_w_rce),
+            w_rkl=float(fixed.stage1_w_rkl), tau=float(fixed.stage1_tau), finetune=bool(fixed.finetune),
+        )
+        epochs = fixed.stage1_epochs or teacher.recipe["epochs"]
+        return [plan.stage(
+            "sftn_teacher", teacher.arch, "sftn_teacher", dataclasses.asdict(stage1),  # every field: defaults count
+            parents=(teacher,) if stage1.finetune else (), recipe={**teacher.recipe, "epochs": int(epochs)},
+            seed=teacher.seed,
+        )]

@@ -1,0 +1,198 @@
+"""SFTN: stage-1 terms by hand, gradient flow, branch ownership, deployable, source stages, fit."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from kd_core.distillers import DISTILLERS
+from kd_core.losses import kd_loss
+from kd_core.models import build_model
+from kd_core.models.base import Head, StagedModel
+from kd_core.recipes import build_recipe
+from kd_core.stages import SourcePlan, StageSpec
+
+TEACHER_ARCH = {"name": "convnet", "args": {"width": 8, "depth": 1}}
+STUDENT_ARCH = {"name": "convnet", "args": {"width": 4, "depth": 1}}
+
+
+def convnet(width: int, seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("convnet", 10, 1, {"width": width, "depth": 1})
+
+
+def stage1(params: dict | None = None, sources: list | None = None, teacher_seed: int = 0):
+    cls = DISTILLERS.get("sftn_teacher")
+    return cls(convnet(8, teacher_seed), sources or [], cls.make_params({"student_arch": STUDENT_ARCH, **(params or {})}))
+
+
+def plan(fixed: dict | None = None) -> SourcePlan:
+    recipe = build_recipe("digits").as_dict()
+    teacher = StageSpec("teacher", TEACHER_ARCH, {"name": "digits"}, recipe)
+    return SourcePlan(teacher=teacher, assistants=(), student_arch=STUDENT_ARCH, data={"name": "digits"},
+                      recipe=recipe, seed=0, num_classes=10, input_shape=(1, 8, 8), fixed_params=fixed or {})
+
+
+@pytest.fixture
+def batch():
+    torch.manual_seed(1)
+    return torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, 10, (6,))
+
+
+def ce_by_hand(logits, labels) -> float:
+    total = 0.0
+    for row, y in zip(logits.tolist(), labels.tolist()):
+        top = max(row)
+        total += top + math.log(sum(math.exp(v - top) for v in row)) - row[y]
+    return total / len(labels)
+
+
+def kl_by_hand(branch, teacher, tau: float) -> float:
+    """tau^2 * KL(p_T^tau || p_R^tau), summed over classes, averaged over the batch."""
+    def softmax(row):
+        top = max(v / tau for v in row)
+        exps = [math.exp(v / tau - top) for v in row]
+        return [e / sum(exps) for e in exps]
+
+    total = 0.0
+    for r_row, t_row in zip(branch.tolist(), teacher.tolist()):
+        p_t, p_r = softmax(t_row), softmax(r_row)
+        total += sum(a * (math.log(a) - math.log(b)) for a, b in zip(p_t, p_r))
+    return tau**2 * total / len(branch)
+
+
+def test_stage1_terms_by_hand(batch) -> None:
+    images, labels = batch
+    distiller = stage1({"tau": 2.0}).double()
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    assert set(terms) == {"t_ce", "r_ce", "r_kl"}
+    # Recompute with the distiller's own modules (train-mode BN uses batch statistics: same result).
+    teacher = distiller.student
+    with torch.no_grad():
+        x, features = teacher.stem(images), []
+        for stage in teacher.stages:
+            x = stage(x)
+            features.append(x)
+        z_t = teacher.head(teacher.neck(x))
+        z_r = []
+        for i, branch in enumerate(distiller.branches):
+            y = branch.transform(features[i])
+            for stage in branch.stages:
+                y = stage(y)
+            z_r.append(branch.head(branch.neck(y)))
+    assert len(z_r) == len(teacher.stages) - 1 == 2
+    torch.testing.assert_close(logits, z_t)
+    assert terms["t_ce"].item() == pytest.approx(ce_by_hand(z_t, labels), rel=1e-9)
+    assert terms["r_ce"].item() == pytest.approx(sum(ce_by_hand(z, labels) for z in z_r), rel=1e-9)
+    assert terms["r_kl"].item() == pytest.approx(sum(kl_by_hand(z, z_t, 2.0) for z in z_r), rel=1e-9)
+
+
+def test_kl_gradient_reaches_the_teacher(batch) -> None:
+    images, labels = batch
+    distiller = stage1().double()
+    distiller.train()
+    _, terms = distiller.forward_train(images, labels)
+    terms["r_kl"].backward()
+    grads = [p.grad for p in distiller.student.parameters()]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    # The canonical kd_loss still detaches the teacher side.
+    teacher_logits = torch.randn(4, 10, requires_grad=True)
+    kd_loss(torch.randn(4, 10, requires_grad=True), teacher_logits, 2.0).backward()
+    assert teacher_logits.grad is None
+
+
+def test_branches_own_their_weights() -> None:
+    distiller = stage1()
+    student = convnet(4)
+    pointers = [{p.data_ptr() for p in branch.parameters()} for branch in distiller.branches]
+    assert pointers[0].isdisjoint(pointers[1])
+    assert all(ptrs.isdisjoint({p.data_ptr() for p in distiller.student.parameters()}) for ptrs in pointers)
+    assert all(ptrs.isdisjoint({p.data_ptr() for p in student.parameters()}) for ptrs in pointers)
+    # Branch i: transform to the student's stage-i channels, then student stages i+1..N-1.
+    assert [b.transform[0].in_channels for b in distiller.branches] == [8, 16]
+    assert [b.transform[0].out_channels for b in distiller.branches] == [4, 8]
+    assert [len(b.stages) for b in distiller.branches] == [2, 1]
+    trainable = {id(p) for g in distiller.param_groups() for p in g["params"]}
+    assert trainable == {id(p) for p in [*distiller.student.parameters(), *distiller.branches.parameters()]}
+
+
+def test_mismatched_stage_counts_raise() -> None:
+    cls = DISTILLERS.get("sftn_teacher")
+    full = convnet(8)
+    two_stages = StagedModel(full.stem, list(full.stages[:2]), Head(16, 10), [8, 16])
+    with pytest.raises(ValueError, match="teacher has 2 stages, the student 3"):
+        cls(two_stages, [], cls.make_params({"student_arch": STUDENT_ARCH}))
+
+
+def test_deployable_is_the_teacher_and_loads(batch) -> None:
+    distiller = stage1()
+    assert distiller.deployable() is distiller.student
+    model = build_model(TEACHER_ARCH["name"], 10, 1, TEACHER_ARCH["args"])
+    model.load_state_dict(distiller.deployable().state_dict())
+
+
+def test_finetune_copies_the_parent_and_needs_it() -> None:
+    parent = convnet(8, seed=5)
+    distiller = stage1({"finetune": True}, sources=[parent], teacher_seed=0)
+    for name, value in parent.state_dict().items():
+        torch.testing.assert_close(distiller.student.state_dict()[name], value)
+    assert not any(p.requires_grad for p in parent.parameters())
+    assert all(p.requires_grad for p in distiller.student.parameters())
+    assert distiller.student.stem[0][0].weight.data_ptr() != parent.stem[0][0].weight.data_ptr()
+    with pytest.raises(ValueError, match="exactly 1 source"):
+        stage1({"finetune": True})
+    with pytest.raises(ValueError, match="exactly 0 source"):
+        stage1(sources=[parent])
+
+
+def test_student_arch_is_required() -> None:
+    with pytest.raises(ValueError, match="student_arch"):
+        DISTILLERS.get("sftn_teacher").make_params({})
+
+
+def test_source_stages() -> None:
+    cls = DISTILLERS.get("sftn")
+    (stage,) = cls.source_stages(cls.make_params(), plan())
+    teacher = plan().teacher
+    assert stage.role == "sftn_teacher" and stage.arch == TEACHER_ARCH and stage.parents == ()
+    assert stage.method["name"] == "sftn_teacher"
+    assert stage.method["params"]["student_arch"] == STUDENT_ARCH
+    assert stage.recipe == teacher.recipe and stage.seed == teacher.seed
+    DISTILLERS.get("sftn_teacher").make_params(stage.method["params"])  # a valid stage-1 config
+
+    (tuned,) = cls.source_stages(cls.make_params(), plan({"finetune": True, "stage1_epochs": 3}))
+    assert tuned.parents == (teacher,) and tuned.recipe["epochs"] == 3
+    assert tuned.method["params"]["finetune"] is True
+
+    # Trial values never change the stage: only the spec's fixed ones do.
+    fixed = {"stage1_w_rkl": 1.0}
+    a = cls.source_stages(cls.make_params({"T": 2.0, "w_kd": 0.5, **fixed}), plan(fixed))[0]
+    b = cls.source_stages(cls.make_params({"T": 8.0, "w_kd": 0.9, "stage1_w_rkl": 5.0}), plan(fixed))[0]
+    assert a.key == b.key and a.method["params"]["w_rkl"] == 1.0
+    c = cls.source_stages(cls.make_params(fixed), plan({"stage1_w_rkl": 2.0}))[0]
+    d = cls.source_stages(cls.make_params(), plan({"stage1_tau": 4.0}))[0]
+    assert len({a.key, c.key, d.key, stage.key, tuned.key}) == 5
+
+
+def test_stage2_is_kd_from_the_sftn_teacher(batch) -> None:
+    images, labels = batch
+    cls = DISTILLERS.get("sftn")
+    distiller = cls(convnet(4), [convnet(8, 1)], cls.make_params({"T": 3.0}))
+    _, terms = distiller.forward_train(images.float(), labels)
+    assert set(terms) == {"ce", "kd"}
+    assert set(distiller.weights) == {"ce", "kd"}  # stage-1 weights are not stage-2 terms
+
+
+def test_one_epoch_of_stage1_fit_logs_every_term(digits) -> None:
+    from kd_core.train import fit
+
+    distiller = stage1()
+    reports = []
+    result = fit(distiller, digits, build_recipe("digits", {"epochs": 1}), callback=reports.append)
+    metrics = reports[0].metrics
+    assert {"train_loss_t_ce", "train_loss_r_ce", "train_loss_r_kl"} <= set(metrics)
+    assert all(math.isfinite(v) for v in metrics.values())
+    build_model(TEACHER_ARCH["name"], 10, 1, TEACHER_ARCH["args"]).load_state_dict(result.best_state)
