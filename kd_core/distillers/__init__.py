@@ -1,7 +1,6 @@
 """Distillers, one file per method. Importing this package registers every method."""
 
-from kd_core.distillers import ce, kd  # noqa: F401  (registers the methods)
-from kd_core.distillers import dgkd, dml, simkd, sokd, takd  # noqa: F401
+from kd_core.distillers import ce, dgkd, dml, kd, lwkd, sftn, simkd, sokd, takd, tfkd  # noqa: F401  (registers)
 from kd_core.distillers.base import Distiller, MethodParams
 from kd_core.distillers.registry import DISTILLERS
 
