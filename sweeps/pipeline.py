@@ -161,3 +161,15 @@ def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageR
     """`resolve_stage` for a Ray task: returns only the (picklable) record."""
     torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
     return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record
+
+
+def retrain(
+    spec: SweepSpec, plan: TrialPlan, seed: int, context: SweepContext, tracker: Tracker, device: str = "cpu"
+) -> dict[str, float]:
+    """Train a trial's configuration again with another seed (student initialisation and
+    shuffling; the frozen sources stay the stored ones). Returns the final metrics: the test
+    metrics are those of the best-val epoch."""
+    data = load_dataset(spec.data.model_dump(), device)
+    sources = trial_sources(spec, plan, data, context, tracker, device)
+    distiller = build_distiller(plan, spec.student.arch.model_dump(), data, seed, sources, device)
+    return fit(distiller, data, plan.recipe, seed=seed).metrics

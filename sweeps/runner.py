@@ -71,12 +71,13 @@ QUIET_TUNE = {
 }
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
+    """Start (or connect to) Ray unless this process already has; True if this call did."""
     os.environ.update(QUIET_TUNE)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     if ray.is_initialized():
-        return
+        return False
     env = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}
     try:
         if address:
@@ -86,6 +87,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
                      runtime_env={"env_vars": env}, log_to_driver=False)
     except (ConnectionError, ValueError) as error:
         raise SpecError(f"cannot start or reach Ray at {address or LOCAL_NODE_IP}: {error}") from None
+    return True
 
 
 def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
@@ -130,7 +132,7 @@ def run_sweep(
     check_new_sweep(tracker, name, storage)
     epochs = spec.recipe.build().epochs
 
-    init_ray(address)
+    started_ray = init_ray(address)
     experiment_dir = storage / name
     experiment_dir.mkdir(parents=True)
     experiment_id = tracker.experiment_id(spec.tracking.experiment)
@@ -156,6 +158,7 @@ def run_sweep(
         )
         searcher = OptunaSearch(
             space=SearchSpace(spec), metric=METRIC, mode="max", sampler=_sampler(spec),
+            points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
             study_name=name,
             storage=optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}"),
         )
@@ -185,7 +188,8 @@ def run_sweep(
         tracker.finish(parent_run_id, status, f"{type(error).__name__}: {error}")
         raise
     finally:
-        ray.shutdown()
+        if started_ray:
+            ray.shutdown()
     tracker.finish(parent_run_id, "FINISHED")
     return dataclasses.replace(outcome, seconds=time.monotonic() - started)
 

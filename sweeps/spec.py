@@ -237,6 +237,8 @@ class SweepSettings(Strict):
     max_failures: int = Field(0, ge=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
+    initial_points: list[dict[str, Any]] = Field(default_factory=list)
 
 
     @property
@@ -287,6 +289,7 @@ class SweepSpec(Strict):
         self.method.params = check_method_params(self)
         check_search_space(self)
         check_sources(self)
+        check_initial_points(self)
         return self
 
     @property
@@ -321,6 +324,21 @@ def check_method_choices(spec: SweepSpec) -> None:
         if choice not in DISTILLERS:
             raise ValueError(f"search.method.name: unknown method {choice!r} "
                              f"(known: {', '.join(DISTILLERS.names())})")
+
+
+def check_initial_points(spec: SweepSpec) -> None:
+    for index, point in enumerate(spec.sweep.initial_points):
+        where = f"sweep.initial_points.{index}"
+        for path, value in point.items():
+            if path not in spec.search:
+                raise ValueError(f"{where}: {path!r} is not a searched parameter")
+            param = spec.search[path]
+            if param.type == "categorical" and value not in (param.choices or []):
+                raise ValueError(f"{where}: {path}={value!r} is not one of {param.choices}")
+            if param.type != "categorical" and not (
+                isinstance(value, int | float) and param.low <= value <= param.high
+            ):
+                raise ValueError(f"{where}: {path}={value!r} is outside [{param.low}, {param.high}]")
 
 
 def check_sources(spec: SweepSpec) -> None:

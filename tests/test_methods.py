@@ -263,3 +263,30 @@ def test_one_epoch_of_fit_logs_every_term(method, digits) -> None:
     logged = {k.removeprefix("train_loss_") for k in reports[0].metrics if k.startswith("train_loss_")}
     assert set(params.weights()) <= logged
     assert all(torch.isfinite(torch.tensor(v)) for v in reports[0].metrics.values())
+
+
+USER_METHODS = ["ce", "kd", "takd", "dgkd", "simkd", "sokd", "sftn", "lwkd", "tfkd", "dml"]
+
+
+@pytest.mark.parametrize("method", USER_METHODS)
+def test_every_method_deploys_as_torchscript(method, tmp_path) -> None:
+    """The deployable of each method traces, saves, reloads and predicts like the original."""
+    import warnings
+
+    cls = DISTILLERS.get(method)
+    params = cls.make_params({"num_assistants": 1} if method in ("dgkd", "takd") else {})
+    sources = []
+    for stage in cls.source_stages(params, plan()):
+        torch.manual_seed(len(sources))
+        sources.append(build_model(stage.arch["name"], 10, 1, stage.arch["args"]))
+    torch.manual_seed(0)
+    distiller = cls(build_model("convnet", 10, 1, {"width": 4}), sources, params)
+    deploy = distiller.deployable().eval()
+    images = torch.randn(3, 1, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        torch.jit.trace(deploy, images).save(str(tmp_path / "m.pt"))
+        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(images), deploy(images))
+        assert loaded(torch.randn(7, 1, 8, 8)).shape == (7, 10)  # any batch size

@@ -1,0 +1,69 @@
+"""The all-methods digits spec, on a short budget, through real Ray Tune, Optuna and MLflow:
+every method runs (one initial point each), every derived stage trains once, lineage is recorded."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.tracking import TAG_ROLE, Tracker
+
+ROOT = Path(__file__).resolve().parent.parent
+METHODS = ["ce", "kd", "takd", "dgkd", "simkd", "sokd", "sftn", "lwkd", "tfkd", "dml"]
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory) -> dict:
+    spec = yaml.safe_load((ROOT / "sweeps/specs/digits_all_methods.yaml").read_text())
+    spec["teacher"]["recipe"]["epochs"] = 2
+    spec["recipe"]["epochs"] = 2
+    spec["method"]["params"].update(lw_epochs=1, stage1_epochs=1)
+    points = [{"method.name": m} for m in METHODS]
+    for point in points:
+        if point["method.name"] in ("takd", "dgkd"):
+            point["method.num_assistants"] = 2
+    spec["sweep"].update(num_trials=len(METHODS), initial_points=points,
+                         scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
+    work = tmp_path_factory.mktemp("all_methods")
+    (work / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", "all"],
+                          cwd=work, env=env, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
+    (parent,) = tracker.find_sweeps("all")
+    return {"tracker": tracker, "parent": parent, "children": tracker.children(parent.info.run_id)}
+
+
+def test_every_method_ran_and_ended_cleanly(sweep) -> None:
+    trials = [r for r in sweep["children"] if r.data.tags[TAG_ROLE] == "trial"]
+    assert sorted(r.data.params["method"] for r in trials) == sorted(METHODS)
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in sweep["children"])
+    assert sweep["parent"].info.status == "FINISHED"
+    assert "kdsweep.model_uri" in sweep["parent"].data.tags
+
+
+def test_each_derived_stage_trained_once(sweep) -> None:
+    roles = sorted(r.data.tags[TAG_ROLE] for r in sweep["children"] if r.data.tags[TAG_ROLE] != "trial")
+    # teacher; 2 DGKD + 2 TAKD assistants; the SFTN teacher; LW-KD's teacher; the CE baseline
+    assert roles == ["assistant"] * 4 + ["baseline", "lw_teacher", "sftn_teacher", "teacher"]
+    keys = [r.data.tags["kdsweep.stage_key"] for r in sweep["children"] if "kdsweep.stage_key" in r.data.tags]
+    assert len(keys) == len(set(keys))
+
+
+def test_lineage_of_assistant_methods(sweep) -> None:
+    by_method = {r.data.params["method"]: r for r in sweep["children"] if r.data.tags[TAG_ROLE] == "trial"}
+    dgkd, takd = by_method["dgkd"].data.tags, by_method["takd"].data.tags
+    assert {"kdsweep.teacher_run_id", "kdsweep.assistant_1_run_id", "kdsweep.assistant_2_run_id"} <= set(dgkd)
+    # TAKD learns from its immediate parent only: the last assistant, whose own parent is A1.
+    assert "kdsweep.teacher_run_id" not in takd and "kdsweep.assistant_2_run_id" not in takd
+    last = sweep["tracker"].client.get_run(takd["kdsweep.assistant_1_run_id"])
+    first = sweep["tracker"].client.get_run(last.data.tags["kdsweep.assistant_1_run_id"])
+    assert first.data.tags["kdsweep.teacher_run_id"] == dgkd["kdsweep.teacher_run_id"]
+    assert "kdsweep.sftn_teacher_run_id" in by_method["sftn"].data.tags
+    assert "kdsweep.lw_teacher_run_id" in by_method["lwkd"].data.tags
