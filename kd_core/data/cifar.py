@@ -1,0 +1,127 @@
+"""CIFAR-10 and CIFAR-100 as device-resident splits of uint8 images, augmented per batch.
+
+The files are read through torchvision (its pickle layout); all images of a split become one
+uint8 tensor (N, 3, 32, 32), and the split's transform augments and normalises each batch on
+the training device. Validation is carved from the training set (model selection); the
+official test set is the test split.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import torch
+from annotated_types import Ge, Gt, Lt
+from torchvision.datasets import CIFAR10, CIFAR100
+
+from kd_core.data.augment import (
+    AUGMENTATIONS,
+    CIFAR10_MEAN,
+    CIFAR10_STD,
+    CIFAR100_MEAN,
+    CIFAR100_STD,
+    AugmentationName,
+    Stats,
+)
+from kd_core.data.base import Dataset, Split
+from kd_core.data.registry import DATASETS
+
+DEFAULT_ROOT = "~/.cache/kdsweep/data"
+
+
+class DatasetFilesNotFoundError(FileNotFoundError):
+    """The dataset's files are not under the given root (and download was not asked for)."""
+
+
+# torchvision compares every file's md5 with the official release's. We check only that the
+# files exist, so CIFAR-format files written elsewhere (the tests' generated ones, re-packed
+# subsets) load too; a truncated file still fails when unpickled, and download() still checks
+# the downloaded archive's md5.
+class _CIFAR10Files(CIFAR10):
+    train_list = [[name, None] for name, _ in CIFAR10.train_list]
+    test_list = [[name, None] for name, _ in CIFAR10.test_list]
+    meta = {**CIFAR10.meta, "md5": None}
+
+
+class _CIFAR100Files(CIFAR100):
+    train_list = [[name, None] for name, _ in CIFAR100.train_list]
+    test_list = [[name, None] for name, _ in CIFAR100.test_list]
+    meta = {**CIFAR100.meta, "md5": None}
+
+
+def split_off_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Index sets (train, val) of a seeded permutation of range(n); both non-empty."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(n * val_fraction))
+    if n_val >= n:
+        raise ValueError(f"val_fraction {val_fraction} of {n} training images leaves no training images")
+    return order[n_val:], order[:n_val]
+
+
+def _uint8_split(files: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.from_numpy(files.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC
+    return images, torch.tensor(files.targets, dtype=torch.long)
+
+
+def _load(
+    name: str, files_class: type[CIFAR10], mean: Stats, std: Stats, num_classes: int, *, root: str,
+    download: bool, augment: str, val_fraction: float, seed: int, train_subset: int | None,
+) -> Dataset:
+    root = os.path.expanduser(root)
+    folder = Path(root) / files_class.base_folder
+    needed = [entry[0] for entry in files_class.train_list + files_class.test_list] + [files_class.meta["filename"]]
+    missing = [file for file in needed if not (folder / file).is_file()]
+    if missing and not download:
+        raise DatasetFilesNotFoundError(
+            f"{name} files not found in {folder} (missing: {', '.join(missing)}); pass `download: true` "
+            f"in the dataset arguments to download them into root {root!r}, or set `root` to the folder "
+            f"that holds {files_class.base_folder}/"
+        )
+    train_transform, eval_transform = AUGMENTATIONS.get(augment)(mean, std)
+    images, labels = _uint8_split(files_class(root, train=True, download=download))
+    test_images, test_labels = _uint8_split(files_class(root, train=False))
+    train, val = split_off_val(len(labels), val_fraction, seed)
+    if train_subset is not None:
+        if train_subset > len(train):
+            raise ValueError(f"train_subset {train_subset} exceeds the {len(train)} training images")
+        train = train[:train_subset]  # already shuffled: a seeded random subset; val is unchanged
+    return Dataset(
+        name,
+        Split(images[train], labels[train], train_transform),
+        Split(images[val], labels[val], eval_transform),
+        Split(test_images, test_labels, eval_transform),
+        num_classes=num_classes,
+        in_channels=3,
+        preprocess={"input": "uint8 RGB HWC -> CHW /255", "mean": list(mean), "std": list(std),
+                    "augment": augment},
+    )
+
+
+@DATASETS.register("cifar10")
+def cifar10(
+    root: str = DEFAULT_ROOT,
+    download: bool = False,
+    augment: AugmentationName = "crop_flip",
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.1,
+    seed: int = 0,
+    train_subset: Annotated[int, Ge(1)] | None = None,
+) -> Dataset:
+    """CIFAR-10: 50,000 training images (val carved from them) and 10,000 test images, 10 classes."""
+    return _load("cifar10", _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root=root, download=download,
+                 augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset)
+
+
+@DATASETS.register("cifar100")
+def cifar100(
+    root: str = DEFAULT_ROOT,
+    download: bool = False,
+    augment: AugmentationName = "crop_flip",
+    val_fraction: Annotated[float, Gt(0), Lt(1)] = 0.1,
+    seed: int = 0,
+    train_subset: Annotated[int, Ge(1)] | None = None,
+) -> Dataset:
+    """CIFAR-100 (fine labels): 50,000 training images (val carved from them), 10,000 test, 100 classes."""
+    return _load("cifar100", _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root=root, download=download,
+                 augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset)
