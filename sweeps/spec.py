@@ -396,7 +396,8 @@ def check_search_space(spec: SweepSpec) -> None:
         if not path.startswith(SEARCH_PREFIXES):
             raise ValueError(f"{where}: searchable paths start with {' or '.join(SEARCH_PREFIXES)}")
         for condition in param.when:
-            if condition not in seen and condition not in spec.fixed_values():
+            searched_later = condition in spec.search and condition not in seen
+            if searched_later or (condition not in seen and condition not in spec.fixed_values()):
                 raise ValueError(
                     f"{where}.when: {condition!r} must be a parameter listed before {path!r}"
                 )

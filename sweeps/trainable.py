@@ -35,9 +35,6 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     plan = resolve_trial(spec, config)
     device = spec.sweep.device
-    data = load_dataset(spec.data.model_dump(), device)
-
-    sources = trial_sources(spec, plan, data, context, tracker, device)
     student_arch = spec.student.arch.model_dump()
     run_id = tracker.open_child(
         context.parent_run_id, "trial", TAG_TRIAL, trial_id, f"trial-{trial_id}",
@@ -45,10 +42,15 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
                 **({"teacher": arch_params("teacher", spec.teacher.arch.model_dump())["teacher"]}
                    if spec.teacher else {})},
-        tags={**lineage_tags(sources), "kdsweep.node_ip": ray.util.get_node_ip_address()},
+        tags={"kdsweep.node_ip": ray.util.get_node_ip_address()},
     )
     status, reason = "FAILED", None
     try:
+        data = load_dataset(spec.data.model_dump(), device)
+        # Sources may be trained here, by the first trial that needs them: inside `try`, so
+        # a failing stage fails this trial's run with a reason instead of leaving no run.
+        sources = trial_sources(spec, plan, data, context, tracker, device)
+        tracker.set_tags(run_id, lineage_tags(sources))
         distiller = build_distiller(plan, student_arch, data, spec.sweep.seed, sources, device)
         checkpoint = tune.get_checkpoint()
         resume = None

@@ -30,7 +30,7 @@ def sweep(tmp_path_factory) -> dict:
     spec["sweep"].update(num_trials=len(METHODS), initial_points=points,
                          scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
     work = tmp_path_factory.mktemp("all_methods")
-    (work / "spec.yaml").write_text(yaml.safe_dump(spec))
+    (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))  # order matters for `when`
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", "all"],
                           cwd=work, env=env, capture_output=True, text=True, timeout=1200)

@@ -73,6 +73,8 @@ BAD = [
      "search.method.T: method ce has no parameter 'T'"),
     ("search", {"method.T": {"low": 1, "high": 4, "when": {"method.w_kd": 0.5}}},
      "search.method.T.when: 'method.w_kd' must be a parameter listed before"),
+    ("search", {"method.T": {"low": 1, "high": 4, "when": {"method.name": "kd"}}, "method.name": {"choices": ["kd", "ce"]}},
+     "search.method.T.when: 'method.name' must be a parameter listed before 'method.T'"),
     ("search", {"method.T": {"type": "int", "low": 1.5, "high": 4}}, "search.method.T: an int parameter needs whole-number"),
     ("teacher", None, "method kd: needs a teacher (add a 'teacher' section)"),
     ("name", "my sweep!", "name: use letters, digits"),
