@@ -40,7 +40,7 @@ def method_spec(spec: SweepSpec, method: str, trials: int) -> SweepSpec:
             continue
         search[path] = {**param, "when": {k: v for k, v in param.get("when", {}).items() if k != "method.name"}}
     data.update(name=f"{spec.name}-{method}", search=search)
-    data["method"]["name"] = method
+    data["method"] = {"name": method, "params": spec.fixed_params(method)}
     data["sweep"]["num_trials"] = trials
     data["tracking"]["registered_model"] = f"{spec.name}-{method}-student"
     return SweepSpec.model_validate(data)
