@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from kd_core.losses import KL_REDUCTIONS
 from kd_core.models.base import StagedModel
 from kd_core.stages import SourcePlan, StageSpec
 
@@ -38,6 +39,21 @@ class MethodParams:
         for term, weight in self.weights().items():
             if weight < 0:
                 raise ValueError(f"w_{term} must be >= 0, got {weight}")
+
+
+@dataclasses.dataclass
+class SoftTargetParams(MethodParams):
+    """Base of the params of methods with a KD_T term: its temperature and KL reduction."""
+
+    T: float = 4.0
+    kl_reduction: str = "batchmean"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.T <= 0:
+            raise ValueError(f"T must be > 0, got {self.T}")
+        if self.kl_reduction not in KL_REDUCTIONS:
+            raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
 
 class Distiller(nn.Module):

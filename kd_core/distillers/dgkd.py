@@ -12,9 +12,9 @@ from collections.abc import Sequence
 
 import torch
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import Distiller, MethodParams, SoftTargetParams
 from kd_core.distillers.registry import DISTILLERS
-from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
 from kd_core.stages import SourcePlan, StageSpec
 
@@ -22,12 +22,12 @@ DROP_MODES = ("none", "bernoulli", "drop_k")
 
 
 @dataclasses.dataclass
-class DGKDParams(MethodParams):
+class DGKDParams(SoftTargetParams):
     # Defaults of the official code: T=5, KD weight 1, CE weight 0, 3 assistants, mean KL.
     T: float = 5.0
+    kl_reduction: str = "mean"
     w_ce: float = 0.0
     w_kd: float = 1.0
-    kl_reduction: str = "mean"
     num_assistants: int = 3
     drop_mode: str = "drop_k"
     keep_prob: float = 0.75  # bernoulli: each link kept with this probability (paper best)
@@ -36,10 +36,6 @@ class DGKDParams(MethodParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.T <= 0:
-            raise ValueError(f"T must be > 0, got {self.T}")
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
         if self.num_assistants < 0:
             raise ValueError(f"num_assistants must be >= 0, got {self.num_assistants}")
         if self.drop_mode not in DROP_MODES:

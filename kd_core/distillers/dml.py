@@ -13,27 +13,19 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import Distiller, SoftTargetParams
 from kd_core.distillers.registry import DISTILLERS
-from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
 
 
 @dataclasses.dataclass
-class DMLParams(MethodParams):
+class DMLParams(SoftTargetParams):
     T: float = 1.0
     w_ce: float = 1.0
     w_kd: float = 1.0  # student from the peer
     w_peer_ce: float = 1.0
     w_peer_kd: float = 1.0  # peer from the student
-    kl_reduction: str = "batchmean"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.T <= 0:
-            raise ValueError(f"T must be > 0, got {self.T}")
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
 
 @DISTILLERS.register("dml")

@@ -7,28 +7,17 @@ from collections.abc import Sequence
 
 import torch
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import Distiller, MethodParams, SoftTargetParams
 from kd_core.distillers.registry import DISTILLERS
-from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
 from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
-class KDParams(MethodParams):
-    T: float = 4.0
+class KDParams(SoftTargetParams):
     w_ce: float = 0.1
     w_kd: float = 0.9
-    kl_reduction: str = "batchmean"
-
-    def validate(self) -> None:
-        super().validate()
-        if self.T <= 0:
-            raise ValueError(f"T must be > 0, got {self.T}")
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(
-                f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}"
-            )
 
 
 @DISTILLERS.register("kd")

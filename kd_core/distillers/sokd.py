@@ -16,22 +16,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import Distiller, MethodParams, SoftTargetParams
 from kd_core.distillers.registry import DISTILLERS
-from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
+from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
 from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
-class SOKDParams(MethodParams):
-    T: float = 4.0
+class SOKDParams(SoftTargetParams):
     w_ce: float = 1.0  # student CE
     w_kd: float = 1.0  # student from the bridge
     w_bridge_ce: float = 1.0
     w_bridge_t: float = 1.0  # bridge from the teacher
     w_bridge_s: float = 1.0  # bridge from the student
-    kl_reduction: str = "batchmean"
     bridge_init: str = "random"  # random | teacher_copy
     teacher_bn: str = "train"  # official code: teacher BN buffers keep updating
     attach_stage: int = -1  # the bridge replaces teacher stages from here on (-1: the last)
@@ -39,10 +37,6 @@ class SOKDParams(MethodParams):
 
     def validate(self) -> None:
         super().validate()
-        if self.T <= 0:
-            raise ValueError(f"T must be > 0, got {self.T}")
-        if self.kl_reduction not in KL_REDUCTIONS:
-            raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
         if self.bridge_init not in ("random", "teacher_copy"):
             raise ValueError(f"bridge_init must be random or teacher_copy, got {self.bridge_init!r}")
         if self.teacher_bn not in ("train", "eval"):
