@@ -110,8 +110,11 @@ def train_stage(
         model = new_model(stage.arch, data, stage.seed)
         distiller = method(model, [s.model for s in sources], params).to(device)
 
+        logged = tracker.last_step(run_id)  # > 0 when retraining after a crash
+
         def log(report: EpochReport) -> None:
-            tracker.log_metrics(run_id, report.metrics, report.epoch)
+            if report.epoch > logged:
+                tracker.log_metrics(run_id, report.metrics, report.epoch)
 
         result = fit(distiller, data, recipe, seed=stage.seed, callback=log)
         status = "FINISHED"

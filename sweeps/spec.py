@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import re
 import typing
@@ -257,6 +258,9 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
 class SweepSpec(Strict):
     name: str
     description: str = ""
+    #: Modules imported first, so the methods, models and datasets they register can be used
+    #: (in the driver and in every trial process; they must be importable on every node).
+    plugins: list[str] = Field(default_factory=list)
     data: DataSpec = Field(default_factory=DataSpec)
     teacher: TeacherSpec | None = None
     student: StudentSpec
@@ -275,6 +279,16 @@ class SweepSpec(Strict):
         if not NAME_PATTERN.match(name):
             raise ValueError("use letters, digits, '_', '.' and '-' (at most 100 characters)")
         return name
+
+    @field_validator("plugins")
+    @classmethod
+    def _import_plugins(cls, plugins: list[str]) -> list[str]:
+        for module in plugins:
+            try:
+                importlib.import_module(module)
+            except ImportError as error:
+                raise ValueError(f"cannot import plugin {module!r}: {error}") from None
+        return plugins
 
     @field_validator("search")
     @classmethod

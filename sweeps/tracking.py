@@ -108,9 +108,11 @@ class Tracker:
         """Create the child run identified by (`key_tag`, `key`), or reopen it after a restart."""
         parent = self.client.get_run(parent_run_id)
         existing = [r for r in self.children(parent_run_id, role) if r.data.tags.get(key_tag) == key]
-        if existing:
+        if existing:  # a retried or resumed trial, or a stage retrained after a crash
             run_id = existing[0].info.run_id
             self.client.update_run(run_id, status="RUNNING")
+            if TAG_REASON in existing[0].data.tags:
+                self.client.delete_tag(run_id, TAG_REASON)
             return run_id
         run = self.client.create_run(
             parent.info.experiment_id, run_name=name,
@@ -124,6 +126,10 @@ class Tracker:
         items = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(run_id, params=items[start:start + BATCH])
+
+    def last_step(self, run_id: str, key: str = "val_acc") -> int:
+        """The last step logged for `key` (0 if none): a resumed run skips what it logged."""
+        return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)

@@ -59,11 +59,13 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 resume = load_checkpoint(directory)
 
         reached_last_epoch = False
+        logged = tracker.last_step(run_id)  # > 0 after a retry or resume: never log a step twice
 
         def report(epoch: EpochReport) -> None:
             nonlocal reached_last_epoch
             reached_last_epoch = epoch.is_last
-            tracker.log_metrics(run_id, epoch.metrics, epoch.epoch)
+            if epoch.epoch > logged:
+                tracker.log_metrics(run_id, epoch.metrics, epoch.epoch)
             with tempfile.TemporaryDirectory() as directory:
                 epoch.save(directory)
                 tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))

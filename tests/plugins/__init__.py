@@ -1,0 +1,1 @@
+"""Test plugins: importable from trial processes through a spec's `plugins:` list."""
