@@ -109,6 +109,27 @@ def run(
     _print_outcome(outcome)
 
 
+@app.command()
+@user_errors
+def resume(
+    name: Annotated[str, typer.Argument(help="The sweep to continue (its exact name).")],
+    address: Annotated[str | None, typer.Option(
+        help="Ray cluster address [default: a local Ray on 127.0.0.2].")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Continue a sweep whose driver was interrupted or killed, then print its result."""
+    tracker = _tracker(tracking_uri, reading=True)
+
+    from sweeps.runner import SweepFailedError, resume_sweep  # Ray: after validation
+
+    try:
+        outcome = resume_sweep(name, tracking_uri=tracker.uri, address=address, console=err)
+    except SweepFailedError as error:
+        err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    _print_outcome(outcome)
+
+
 def _print_outcome(outcome: Any) -> None:
     best, plan = outcome.best, outcome.best_plan
     counts = {s: sum(t.status == s for t in outcome.trials) for s in ("FINISHED", "KILLED", "FAILED")}

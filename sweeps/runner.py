@@ -35,6 +35,7 @@ from sweeps.trainable import train_trial
 METRIC = "val_acc_best"  # best-epoch val accuracy: what selection uses everywhere
 LOCAL_NODE_IP = "127.0.0.2"  # keeps a local Ray on loopback
 STUDY_FILE = "study.db"
+SPEC_FILE = "spec.yaml"
 
 
 @dataclass(frozen=True)
@@ -125,23 +126,21 @@ def run_sweep(
     address: str | None = None,
     console: Console | None = None,
 ) -> SweepOutcome:
-    console = console or Console(stderr=True)
-    started = time.monotonic()
+    """Run a new sweep to the end: trials, the CE baseline, the exported best student."""
     storage = storage.resolve()
     tracker = Tracker(tracking_uri)
     check_new_sweep(tracker, name, storage)
-    epochs = spec.recipe.build().epochs
-
     started_ray = init_ray(address)
     experiment_dir = storage / name
     experiment_dir.mkdir(parents=True)
-    experiment_id = tracker.experiment_id(spec.tracking.experiment)
+    spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
+    (experiment_dir / SPEC_FILE).write_text(spec_yaml)  # what `resume` restarts from
     parent_run_id = tracker.start_sweep(
-        experiment_id, name, {TAG_SPEC: spec.name, TAG_STORAGE: str(storage),
-                              **({"mlflow.note.content": spec.description} if spec.description else {})},
+        tracker.experiment_id(spec.tracking.experiment), name,
+        {TAG_SPEC: spec.name, TAG_STORAGE: str(storage),
+         **({"mlflow.note.content": spec.description} if spec.description else {})},
     )
-    spec_dump = spec.model_dump(mode="json")
-    tracker.client.log_text(parent_run_id, yaml.safe_dump(spec_dump, sort_keys=False), "spec.yaml")
+    tracker.client.log_text(parent_run_id, spec_yaml, SPEC_FILE)
     tracker.log_params(parent_run_id, {
         "spec": spec.name, "num_trials": spec.sweep.num_trials,
         "max_concurrent": spec.sweep.max_concurrent, "sampler": spec.sweep.sampler.type,
@@ -149,34 +148,73 @@ def run_sweep(
         "search": ",".join(spec.search), "student": spec.student.arch.label(),
         "teacher": spec.teacher.arch.label() if spec.teacher else "",
     })
-    context = SweepContext(name, spec_dump, str(storage), tracking_uri, parent_run_id)
+    context = SweepContext(name, spec.model_dump(mode="json"), str(storage), tracking_uri, parent_run_id)
+    return _drive(spec, context, tracker, console or Console(stderr=True), started_ray, restore=False)
+
+
+def resume_sweep(
+    name: str, *, tracking_uri: str, address: str | None = None, console: Console | None = None
+) -> SweepOutcome:
+    """Continue a sweep whose driver died: the Tune experiment (errored trials too) and the
+    Optuna study are restored; trial runs are reopened by trial id."""
+    tracker = Tracker(tracking_uri)
+    runs = [r for r in tracker.find_sweeps(name) if r.data.tags.get(TAG_SWEEP) == name]
+    if not runs:
+        raise SpecError(f"no sweep named {name!r} at {tracking_uri}")
+    parent = runs[0]
+    if parent.info.status == "FINISHED":
+        raise SpecError(f"sweep {name!r} has already finished; nothing to resume")
+    storage = Path(parent.data.tags[TAG_STORAGE])
+    experiment_dir = storage / name
+    if not (experiment_dir / SPEC_FILE).exists() or not tune.Tuner.can_restore(str(experiment_dir)):
+        raise SpecError(f"sweep {name!r} cannot be resumed: no Tune experiment state in {experiment_dir}")
+    spec = SweepSpec.model_validate(yaml.safe_load((experiment_dir / SPEC_FILE).read_text()))
+    started_ray = init_ray(address)
+    tracker.client.update_run(parent.info.run_id, status="RUNNING")
+    context = SweepContext(name, spec.model_dump(mode="json"), str(storage), tracking_uri, parent.info.run_id)
+    return _drive(spec, context, tracker, console or Console(stderr=True), started_ray, restore=True)
+
+
+def _drive(
+    spec: SweepSpec, context: SweepContext, tracker: Tracker, console: Console, started_ray: bool, restore: bool
+) -> SweepOutcome:
+    """Tune the trials (new or restored), then close every run, train the baseline, export."""
+    started = time.monotonic()
+    name, storage, parent_run_id = context.name, Path(context.storage), context.parent_run_id
+    experiment_dir = storage / name
+    epochs = spec.recipe.build().epochs
     try:
         console.print(f"[bold]kdsweep[/] sweep [cyan]{name}[/]: {spec.sweep.num_trials} trials, "
-                      f"{spec.sweep.max_concurrent} at a time, tracking {tracking_uri}")
+                      f"{spec.sweep.max_concurrent} at a time, tracking {tracker.uri}"
+                      + (" (resumed)" if restore else ""))
         trainable = tune.with_resources(
             tune.with_parameters(train_trial, context=context), {"cpu": spec.sweep.cpus_per_trial}
         )
-        searcher = OptunaSearch(
-            space=SearchSpace(spec), metric=METRIC, mode="max", sampler=_sampler(spec),
-            points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
-            study_name=name,
-            storage=optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}"),
-        )
-        tuner = tune.Tuner(
-            trainable,
-            tune_config=tune.TuneConfig(
-                metric=METRIC, mode="max", search_alg=searcher, scheduler=_scheduler(spec),
-                num_samples=spec.sweep.num_trials,
-                max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
-            ),
-            run_config=tune.RunConfig(
-                name=name, storage_path=str(storage), verbose=0,
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
-                callbacks=[CloseTrialRuns(tracking_uri, parent_run_id, epochs),
-                           LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)],
-            ),
-        )
+        if restore:
+            # The searcher, scheduler and callbacks come back from the experiment's snapshot.
+            tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        else:
+            searcher = OptunaSearch(
+                space=SearchSpace(spec), metric=METRIC, mode="max", sampler=_sampler(spec),
+                points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
+                study_name=name,
+                storage=optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}"),
+            )
+            tuner = tune.Tuner(
+                trainable,
+                tune_config=tune.TuneConfig(
+                    metric=METRIC, mode="max", search_alg=searcher, scheduler=_scheduler(spec),
+                    num_samples=spec.sweep.num_trials,
+                    max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
+                ),
+                run_config=tune.RunConfig(
+                    name=name, storage_path=str(storage), verbose=0,
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                    failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
+                    callbacks=[CloseTrialRuns(tracker.uri, parent_run_id, epochs),
+                               LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)],
+                ),
+            )
         results = tuner.fit()
         trials = _summaries(results, epochs)
         _reconcile(tracker, parent_run_id, trials)
@@ -213,8 +251,10 @@ def _reconcile(tracker: Tracker, parent_run_id: str, trials: list[TrialSummary])
     status_of = {t.trial_id: t for t in trials}
     for run in tracker.running_children(parent_run_id):
         trial = status_of.get(run.data.tags.get(TAG_TRIAL, ""))
-        status = trial.status if trial else "KILLED"
-        tracker.finish(run.info.run_id, status, "closed by the driver after the sweep")
+        if trial is not None:
+            tracker.finish(run.info.run_id, trial.status, "closed by the driver after the sweep")
+        else:  # a run whose trial or stage a crashed driver left behind
+            tracker.finish(run.info.run_id, "KILLED", "orphaned: its process died with an earlier driver")
 
 
 class SweepFailedError(RuntimeError):
