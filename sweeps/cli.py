@@ -29,6 +29,10 @@ err = Console(stderr=True)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+
+class NotFoundError(LookupError):
+    """A sweep, store or export the user named does not exist."""
+
 TrackingUri = Annotated[str | None, typer.Option(
     "--tracking-uri", help=f"MLflow tracking URI [default: $MLFLOW_TRACKING_URI or "
                            f"{DEFAULT_TRACKING_URI}]")]
@@ -42,7 +46,7 @@ def user_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (SpecError, LookupError) as error:
+        except (SpecError, NotFoundError) as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -53,7 +57,7 @@ def _tracker(tracking_uri: str | None, *, reading: bool = False) -> Tracker:
     """The tracker for a URI; `reading` refuses to create a local store that is absent."""
     uri = resolve_tracking_uri(tracking_uri)
     if reading and uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
-        raise LookupError(f"no sweeps recorded at {uri}")
+        raise NotFoundError(f"no sweeps recorded at {uri}")
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         if not db.parent.is_dir():
@@ -68,7 +72,7 @@ def _find_sweep(tracker: Tracker, name: str) -> Any:
     runs = tracker.find_sweeps(name)
     if not runs:
         known = sorted({r.data.tags.get(TAG_SWEEP, "") for r in tracker.find_sweeps()})
-        raise LookupError(f"no sweep named {name!r} at {tracker.uri}"
+        raise NotFoundError(f"no sweep named {name!r} at {tracker.uri}"
                           + (f" (known: {', '.join(known)})" if known else ""))
     return runs[0]
 
@@ -149,6 +153,11 @@ def _print_outcome(outcome: Any) -> None:
     out.print(table)
     settings = ", ".join(f"{k}={_short(v)}" for k, v in best.sampled.items())
     out.print(f"best trial settings: {settings}", soft_wrap=True)
+    for c in outcome.confirmations:
+        stats = c.summary()
+        out.print(f"confirmation #{c.rank} (trial {c.trial_id}, seeds {c.seeds}): "
+                  f"val {stats['val_acc_mean']:.4f} ± {stats['val_acc_std']:.4f}, "
+                  f"test {stats['test_acc_mean']:.4f} ± {stats['test_acc_std']:.4f}", soft_wrap=True)
     delta = outcome.export.test_acc - m["test_acc"]
     out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
     out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version})", soft_wrap=True)
@@ -173,7 +182,7 @@ def best(
     tags = sweep.data.tags
     run_id = tags.get("kdsweep.best_run_id")
     if not run_id:
-        raise LookupError(f"sweep {tags.get(TAG_SWEEP)!r} has no best trial yet "
+        raise NotFoundError(f"sweep {tags.get(TAG_SWEEP)!r} has no best trial yet "
                           f"(status {sweep.info.status})")
     trial = tracker.client.get_run(run_id)
     summary = {
@@ -210,7 +219,7 @@ def pull(
     tracker = _tracker(tracking_uri, reading=True)
     sweep = _find_sweep(tracker, name)
     if "kdsweep.model_uri" not in sweep.data.tags:
-        raise LookupError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
+        raise NotFoundError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
     if to.exists() and not to.is_dir():
         raise SpecError(f"--to {to}: not a directory")
     to.mkdir(parents=True, exist_ok=True)

@@ -18,7 +18,7 @@ from kd_core.recipes import Recipe
 from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, fit
 from sweeps.sources import source_plan, source_stages
-from sweeps.space import TrialPlan
+from sweeps.space import TrialPlan, resolve_trial
 from sweeps.spec import SweepSpec
 from sweeps.tracking import TAG_STAGE, Tracker
 
@@ -176,3 +176,11 @@ def retrain(
     sources = trial_sources(spec, plan, data, context, tracker, device)
     distiller = build_distiller(plan, spec.student.arch.model_dump(), data, seed, sources, device)
     return fit(distiller, data, plan.recipe, seed=seed).metrics
+
+
+def retrain_task(spec_data: dict[str, Any], sampled: dict[str, Any], seed: int, context: SweepContext,
+                 device: str) -> dict[str, float]:
+    """`retrain` for a Ray task (the spec travels as plain data)."""
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    spec = SweepSpec.model_validate(spec_data)
+    return retrain(spec, resolve_trial(spec, sampled), seed, context, Tracker(context.tracking_uri), device)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import statistics
 import time
 import warnings
 from dataclasses import dataclass
@@ -25,7 +26,14 @@ from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.export import ExportResult, export_student
-from sweeps.pipeline import SweepContext, build_distiller, ensure_stage, load_dataset, trial_sources
+from sweeps.pipeline import (
+    SweepContext,
+    build_distiller,
+    ensure_stage,
+    load_dataset,
+    retrain_task,
+    trial_sources,
+)
 from sweeps.sources import baseline_stage, teacher_stage
 from sweeps.space import SearchSpace, TrialPlan, resolve_trial
 from sweeps.spec import SpecError, SweepSpec
@@ -48,6 +56,25 @@ class TrialSummary:
 
 
 @dataclass(frozen=True)
+class Confirmation:
+    """A top-k configuration re-trained with new seeds."""
+
+    rank: int
+    trial_id: str
+    sampled: dict[str, Any]
+    seeds: list[int]
+    val_accs: list[float]
+    test_accs: list[float]
+
+    def summary(self) -> dict[str, float]:
+        def spread(values: list[float]) -> float:
+            return statistics.stdev(values) if len(values) > 1 else 0.0
+
+        return {"val_acc_mean": statistics.mean(self.val_accs), "val_acc_std": spread(self.val_accs),
+                "test_acc_mean": statistics.mean(self.test_accs), "test_acc_std": spread(self.test_accs)}
+
+
+@dataclass(frozen=True)
 class SweepOutcome:
     name: str
     parent_run_id: str
@@ -57,6 +84,7 @@ class SweepOutcome:
     baseline_metrics: dict[str, float]
     teacher_metrics: dict[str, float] | None
     export: ExportResult
+    confirmations: list[Confirmation]
     seconds: float
 
 
@@ -272,6 +300,31 @@ def _best(trials: list[TrialSummary]) -> TrialSummary:
     return max(complete, key=lambda t: (t.metrics[METRIC], -t.metrics["val_loss_best"]))
 
 
+def _confirm(spec: SweepSpec, trials: list[TrialSummary], context: SweepContext,
+             tracker: Tracker) -> list[Confirmation]:
+    """Re-train the top-k finished configurations (ranked on val) with new seeds, as Ray tasks
+    with a trial's resources; log mean and std on the parent run. Ranking never looks at test."""
+    ranked = sorted((t for t in trials if t.status == "FINISHED"),
+                    key=lambda t: (t.metrics[METRIC], -t.metrics["val_loss_best"]), reverse=True)
+    ranked = ranked[: spec.sweep.confirm.top_k]
+    seeds = [spec.sweep.seed + 1 + i for i in range(spec.sweep.confirm.seeds)]
+    task = ray.remote(retrain_task).options(num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial)
+    spec_data = spec.model_dump(mode="json")
+    pending = [[task.remote(spec_data, t.sampled, seed, context, spec.sweep.device) for seed in seeds] for t in ranked]
+    confirmations = []
+    for rank, (trial, refs) in enumerate(zip(ranked, pending, strict=True), start=1):
+        results = ray.get(refs)
+        confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, seeds,
+                                          [r[METRIC] for r in results], [r["test_acc"] for r in results]))
+    for c in confirmations:
+        tracker.log_metrics(context.parent_run_id, {f"confirm_{c.rank}_{k}": v for k, v in c.summary().items()}, 0)
+    chosen = max(confirmations, key=lambda c: c.summary()["val_acc_mean"])
+    tracker.set_tags(context.parent_run_id, {"kdsweep.confirmed_best_trial_id": chosen.trial_id})
+    tracker.client.log_dict(context.parent_run_id,
+                            [{**dataclasses.asdict(c), **c.summary()} for c in confirmations], "confirm.json")
+    return confirmations
+
+
 def _finish(
     spec: SweepSpec, name: str, storage: Path, tracker: Tracker, parent_run_id: str,
     results: tune.ResultGrid, trials: list[TrialSummary], console: Console,
@@ -292,6 +345,8 @@ def _finish(
         num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial,
     ).remote(baseline_stage(spec, plan.recipe), context, spec.sweep.device))
     teacher = StageStore(storage).get(teacher_stage(spec).key) if spec.teacher else None
+
+    confirmations = _confirm(spec, trials, context, tracker) if spec.sweep.confirm.top_k else []
 
     # The method's deployable (for SimKD: encoder + projector + the teacher's head).
     sources = trial_sources(spec, plan, data, context, tracker, "cpu")
@@ -323,6 +378,6 @@ def _finish(
     })
     return SweepOutcome(
         name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
-        teacher.meta["metrics"] if teacher else None, export, seconds=0.0,
+        teacher.meta["metrics"] if teacher else None, export, confirmations, seconds=0.0,
     )
 

@@ -229,6 +229,13 @@ class SamplerSpec(Strict):
     constant_liar: bool = True
 
 
+class ConfirmSpec(Strict):
+    """Re-train the top-k configurations (ranked on val) with `seeds` new seeds each."""
+
+    top_k: int = Field(0, ge=0)  # 0: no confirmation
+    seeds: int = Field(3, ge=1)
+
+
 class SweepSettings(Strict):
     num_trials: int = Field(16, ge=1)
     max_concurrent: int = Field(2, ge=1)
@@ -238,6 +245,7 @@ class SweepSettings(Strict):
     max_failures: int = Field(0, ge=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
     #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
 

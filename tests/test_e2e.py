@@ -42,7 +42,7 @@ SPEC = {
         "method.kl_reduction": {"choices": ["batchmean", "mean"]},
         "recipe.lr": {"low": 0.02, "high": 0.2, "log": True},
     },
-    "sweep": {"num_trials": TRIALS, "max_concurrent": 2,
+    "sweep": {"num_trials": TRIALS, "max_concurrent": 2, "confirm": {"top_k": 2, "seeds": 2},
               "sampler": {"type": "tpe", "seed": 1, "n_startup_trials": 2},
               "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
     "tracking": {"experiment": "e2e", "registered_model": "e2e_student"},
@@ -119,6 +119,21 @@ def test_driver_prints_best_beside_ce_baseline(sweep) -> None:
     text = " ".join(sweep["stdout"].split())
     assert "student, CE only" in text and "student, best trial" in text
     assert "models:/e2e_student@champion" in text
+
+
+def test_top_configurations_are_confirmed_with_new_seeds(sweep) -> None:
+    metrics, tags = sweep["parent"].data.metrics, sweep["parent"].data.tags
+    for rank in (1, 2):
+        assert 0 < metrics[f"confirm_{rank}_test_acc_mean"] <= 1
+        assert metrics[f"confirm_{rank}_test_acc_std"] >= 0
+        assert f"confirm_{rank}_val_acc_mean" in metrics
+    confirmed = json.loads(sweep["tracker"].client.download_artifacts(
+        sweep["parent"].info.run_id, "confirm.json", str(sweep["work"])) and
+        (sweep["work"] / "confirm.json").read_text())
+    assert [c["seeds"] for c in confirmed] == [[1, 2], [1, 2]]
+    ranked = max(confirmed, key=lambda c: c["val_acc_mean"])  # chosen on val only
+    assert tags["kdsweep.confirmed_best_trial_id"] == ranked["trial_id"]
+    assert "confirmation #1" in sweep["stdout"]
 
 
 def test_best_json(sweep) -> None:
