@@ -158,6 +158,9 @@ def _print_outcome(outcome: Any) -> None:
         out.print(f"confirmation #{c.rank} (trial {c.trial_id}, seeds {c.seeds}): "
                   f"val {stats['val_acc_mean']:.4f} ± {stats['val_acc_std']:.4f}, "
                   f"test {stats['test_acc_mean']:.4f} ± {stats['test_acc_std']:.4f}", soft_wrap=True)
+    for row in outcome.pareto:
+        out.print(f"Pareto: trial {row['trial_id']} {row['cost_name']}={row['cost']:.0f} val {row['val_acc']:.4f} "
+                  f"test {row['test_acc']:.4f}", soft_wrap=True)
     delta = outcome.export.test_acc - m["test_acc"]
     out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
     out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version})", soft_wrap=True)
@@ -174,12 +177,17 @@ def _short(value: Any) -> str:
 def best(
     name: SweepName,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    pareto: Annotated[bool, typer.Option(
+        "--pareto", help="The Pareto front of a multi-objective sweep (accuracy vs cost).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """The best trial of a sweep: config, metrics, model URI."""
+    """The best trial of a sweep: config, metrics, model URI (or its Pareto front)."""
     tracker = _tracker(tracking_uri, reading=True)
     sweep = _find_sweep(tracker, name)
     tags = sweep.data.tags
+    if pareto:
+        _print_pareto(tracker, sweep, as_json)
+        return
     run_id = tags.get("kdsweep.best_run_id")
     if not run_id:
         raise NotFoundError(f"sweep {tags.get(TAG_SWEEP)!r} has no best trial yet "
@@ -206,11 +214,41 @@ def best(
     out.print(f"  model: {summary['model_uri']} (version {summary['model_version']})")
 
 
+def _print_pareto(tracker: Tracker, sweep: Any, as_json: bool) -> None:
+    if "kdsweep.pareto_trial_ids" not in sweep.data.tags:
+        raise NotFoundError(f"sweep {sweep.data.tags.get(TAG_SWEEP)!r} has no Pareto front "
+                            "(only multi-objective sweeps, `sweep.objectives: [accuracy, params]`, have one)")
+    rows = _load_json(tracker, sweep.info.run_id, "pareto.json")
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    cost = rows[0]["cost_name"]
+    table = Table(title=f"Pareto front of {sweep.data.tags.get(TAG_SWEEP)} (val accuracy vs {cost})")
+    for column in ("trial", cost, "val acc", "test acc", "settings"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(row["trial_id"], f"{row['cost']:.0f}", f"{row['val_acc']:.4f}", f"{row['test_acc']:.4f}",
+                      ", ".join(f"{k}={_short(v)}" for k, v in row["settings"].items()))
+    out.print(table)
+    out.print("pull one: kdsweep pull NAME --to DIR --trial TRIAL")
+
+
+def _load_json(tracker: Tracker, run_id: str, path: str) -> Any:
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                    tracking_uri=tracker.uri)
+        return json.loads(Path(local).read_text())
+
+
 @app.command()
 @user_errors
 def pull(
     name: SweepName,
     to: Annotated[Path, typer.Option("--to", help="Directory for the student files.")],
+    trial: Annotated[str | None, typer.Option(
+        help="A Pareto-optimal trial of a multi-objective sweep instead of the best one.")] = None,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Copy the best student's files (state dict, TorchScript, metadata) into a directory."""
@@ -220,12 +258,19 @@ def pull(
     sweep = _find_sweep(tracker, name)
     if "kdsweep.model_uri" not in sweep.data.tags:
         raise NotFoundError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
+    artifact_path = "export"
+    if trial is not None:
+        front = [t for t in sweep.data.tags.get("kdsweep.pareto_trial_ids", "").split(",") if t]
+        if trial not in front:
+            raise NotFoundError(f"trial {trial!r} is not on the Pareto front of {name!r} "
+                                f"(Pareto trials: {', '.join(front) or 'none'})")
+        artifact_path = f"pareto/{trial}"
     if to.exists() and not to.is_dir():
         raise SpecError(f"--to {to}: not a directory")
     to.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
-            run_id=sweep.info.run_id, artifact_path="export", dst_path=tmp,
+            run_id=sweep.info.run_id, artifact_path=artifact_path, dst_path=tmp,
             tracking_uri=tracker.uri,
         )
         for path in sorted(Path(local).iterdir()):

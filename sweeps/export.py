@@ -27,6 +27,7 @@ STATE_DICT_FILE = "student_state_dict.pt"
 TORCHSCRIPT_FILE = "student.torchscript.pt"
 META_FILE = "student.json"
 ARTIFACT_DIR = "export"
+PARETO_DIR = "pareto"  # pareto/<trial id>/: every Pareto-optimal student of a multi-objective sweep
 ALIAS = "champion"
 
 
@@ -52,20 +53,15 @@ def _check(what: str, accuracy: float, expected: float) -> None:
         raise ExportError(f"{what}: test accuracy {accuracy:.6f} != recorded {expected:.6f}")
 
 
-def export_student(
-    model: nn.Module,
-    data: Dataset,
-    directory: Path,
-    tracker: Tracker,
-    parent_run_id: str,
-    model_name: str,
-    meta: dict[str, Any],
-) -> ExportResult:
-    """Write, log, register and verify the student. `meta` describes how it was made."""
+def write_student_files(
+    model: nn.Module, data: Dataset, directory: Path, tracker: Tracker, parent_run_id: str,
+    artifact_path: str, meta: dict[str, Any],
+) -> tuple[float, int]:
+    """State dict, TorchScript (reloaded and re-evaluated) and metadata, in `directory` and as
+    artifacts of the parent run. Returns (test accuracy, parameter count)."""
     model = model.cpu().eval()
     _, test_acc = evaluate(model, data.test)
     directory.mkdir(parents=True, exist_ok=True)
-
     torch.save(model.state_dict(), directory / STATE_DICT_FILE)
     example, _ = next(data.test.batches(2))  # model inputs, after the split's transform
     with warnings.catch_warnings():
@@ -80,8 +76,23 @@ def export_student(
         "preprocess": data.preprocess, "files": [STATE_DICT_FILE, TORCHSCRIPT_FILE],
     }
     (directory / META_FILE).write_text(json.dumps(info, indent=2, default=str))
-    tracker.client.log_artifacts(parent_run_id, str(directory), ARTIFACT_DIR)
+    tracker.client.log_artifacts(parent_run_id, str(directory), artifact_path)
+    return test_acc, num_params
 
+
+def export_student(
+    model: nn.Module,
+    data: Dataset,
+    directory: Path,
+    tracker: Tracker,
+    parent_run_id: str,
+    model_name: str,
+    meta: dict[str, Any],
+) -> ExportResult:
+    """Write, log, register and verify the student. `meta` describes how it was made."""
+    model = model.cpu().eval()
+    test_acc, num_params = write_student_files(model, data, directory, tracker, parent_run_id, ARTIFACT_DIR, meta)
+    example, _ = next(data.test.batches(2))
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)
     with torch.no_grad():

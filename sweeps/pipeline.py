@@ -148,15 +148,14 @@ def trial_sources(
     spec: SweepSpec, plan: TrialPlan, data: Dataset, context: SweepContext, tracker: Tracker, device: str
 ) -> list[Source]:
     """The frozen sources of a trial's method, trained first where no one has yet."""
-    sources = source_plan(spec, data.num_classes, input_shape(data))
+    sources = source_plan(spec, data.num_classes, input_shape(data), plan.student_arch)
     stages = source_stages(plan.method, plan.params, sources)
     return [resolve_stage(stage, context, tracker, device) for stage in stages]
 
 
-def build_distiller(plan: TrialPlan, student_arch: dict[str, Any], data: Dataset, seed: int,
-                    sources: list[Source], device: str) -> Distiller:
+def build_distiller(plan: TrialPlan, data: Dataset, seed: int, sources: list[Source], device: str) -> Distiller:
     """The trial's distiller: a fresh student (seeded) learning from the frozen sources."""
-    student = new_model(student_arch, data, seed)
+    student = new_model(plan.student_arch, data, seed)
     return DISTILLERS.get(plan.method)(student, [s.model for s in sources], plan.params).to(device)
 
 
@@ -174,7 +173,7 @@ def retrain(
     metrics are those of the best-val epoch."""
     data = load_dataset(spec.data.model_dump(), device)
     sources = trial_sources(spec, plan, data, context, tracker, device)
-    distiller = build_distiller(plan, spec.student.arch.model_dump(), data, seed, sources, device)
+    distiller = build_distiller(plan, data, seed, sources, device)
     return fit(distiller, data, plan.recipe, seed=seed).metrics
 
 

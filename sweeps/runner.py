@@ -21,11 +21,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
+from torch import nn
 
 from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
-from sweeps.export import ExportResult, export_student
+from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
 from sweeps.pipeline import (
     SweepContext,
     build_distiller,
@@ -34,6 +35,7 @@ from sweeps.pipeline import (
     retrain_task,
     trial_sources,
 )
+from sweeps.plots import log_sweep_plots
 from sweeps.sources import baseline_stage, teacher_stage
 from sweeps.space import SearchSpace, TrialPlan, resolve_trial
 from sweeps.spec import SpecError, SweepSpec
@@ -85,6 +87,7 @@ class SweepOutcome:
     teacher_metrics: dict[str, float] | None
     export: ExportResult
     confirmations: list[Confirmation]
+    pareto: list[dict[str, Any]]  # multi-objective sweeps: the Pareto front, cheapest first
     seconds: float
 
 
@@ -223,7 +226,9 @@ def _drive(
             tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         else:
             searcher = OptunaSearch(
-                space=SearchSpace(spec), metric=METRIC, mode="max", sampler=_sampler(spec),
+                space=SearchSpace(spec), sampler=_sampler(spec),
+                **({"metric": [METRIC, f"cost_{spec.sweep.cost}"], "mode": ["max", "min"]} if spec.sweep.cost
+                   else {"metric": METRIC, "mode": "max"}),
                 points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
                 study_name=name,
                 storage=optuna.storages.RDBStorage(f"sqlite:///{experiment_dir / STUDY_FILE}"),
@@ -331,9 +336,6 @@ def _finish(
 ) -> SweepOutcome:
     best = _best(trials)
     plan = resolve_trial(spec, best.sampled)
-    best_result = next(r for r in results if (r.metrics or {}).get("trial_id") == best.trial_id)
-    with best_result.checkpoint.as_directory() as directory:
-        best_state = load_checkpoint(directory)["best"]["state"]
     data = load_dataset(spec.data.model_dump())
     torch.set_num_threads(max(1, os.cpu_count() or 1))
 
@@ -343,24 +345,32 @@ def _finish(
     # A Ray task with a trial's resources, so a GPU sweep trains its baseline on a GPU too.
     baseline = ray.get(ray.remote(ensure_stage).options(
         num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial,
-    ).remote(baseline_stage(spec, plan.recipe), context, spec.sweep.device))
+    ).remote(baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device))
     teacher = StageStore(storage).get(teacher_stage(spec).key) if spec.teacher else None
 
     confirmations = _confirm(spec, trials, context, tracker) if spec.sweep.confirm.top_k else []
 
-    # The method's deployable (for SimKD: encoder + projector + the teacher's head).
-    sources = trial_sources(spec, plan, data, context, tracker, "cpu")
-    distiller = build_distiller(plan, spec.student.arch.model_dump(), data, spec.sweep.seed, sources, "cpu")
-    deployable = distiller.deployable()
-    deployable.load_state_dict(best_state)
-    best_run = next(r for r in tracker.children(parent_run_id, "trial")
-                    if r.data.tags.get(TAG_TRIAL) == best.trial_id)
-    export = export_student(
-        deployable, data, storage / name / "export", tracker, parent_run_id, spec.registered_model,
-        meta={"sweep": name, "trial_id": best.trial_id, "run_id": best_run.info.run_id,
-              "method": plan.method, "params": plan.param_dict(), "arch": spec.student.arch.model_dump(),
-              "recipe": plan.recipe.as_dict(), "val_acc": best.metrics[METRIC]},
-    )
+    trial_runs = {r.data.tags.get(TAG_TRIAL): r for r in tracker.children(parent_run_id, "trial")}
+
+    def deployable_of(trial: TrialSummary) -> tuple[nn.Module, dict[str, Any]]:
+        """The trial's best-epoch deployable (SimKD: encoder + projector + teacher head) and its metadata."""
+        trial_plan = resolve_trial(spec, trial.sampled)
+        result = next(r for r in results if (r.metrics or {}).get("trial_id") == trial.trial_id)
+        with result.checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)["best"]["state"]
+        sources = trial_sources(spec, trial_plan, data, context, tracker, "cpu")
+        deployable = build_distiller(trial_plan, data, spec.sweep.seed, sources, "cpu").deployable()
+        deployable.load_state_dict(state)
+        meta = {"sweep": name, "trial_id": trial.trial_id, "run_id": trial_runs[trial.trial_id].info.run_id,
+                "method": trial_plan.method, "params": trial_plan.param_dict(), "arch": trial_plan.student_arch,
+                "recipe": trial_plan.recipe.as_dict(), "val_acc": trial.metrics[METRIC]}
+        return deployable, meta
+
+    deployable, meta = deployable_of(best)
+    export = export_student(deployable, data, storage / name / "export", tracker, parent_run_id,
+                            spec.registered_model, meta)
+    best_run = trial_runs[best.trial_id]
+    pareto = _export_pareto(spec, trials, deployable_of, data, storage / name, tracker, parent_run_id)
     counts = {s: sum(t.status == s for t in trials) for s in ("FINISHED", "KILLED", "FAILED")}
     tracker.log_metrics(parent_run_id, {
         "best_val_acc": best.metrics[METRIC], "best_test_acc": export.test_acc,
@@ -376,8 +386,40 @@ def _finish(
         "kdsweep.baseline_run_id": baseline.run_id or "",
         "kdsweep.teacher_run_id": (teacher.run_id or "") if teacher else "",
     })
+    study = optuna.load_study(study_name=name, storage=f"sqlite:///{storage / name / STUDY_FILE}")
+    log_sweep_plots(tracker, parent_run_id, study)
     return SweepOutcome(
         name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
-        teacher.meta["metrics"] if teacher else None, export, confirmations, seconds=0.0,
+        teacher.meta["metrics"] if teacher else None, export, confirmations, pareto, seconds=0.0,
     )
+
+
+def pareto_front(trials: list[TrialSummary], cost: str) -> list[TrialSummary]:
+    """Finished trials no other finished trial beats on both val accuracy (higher) and cost (lower)."""
+    finished = [t for t in trials if t.status == "FINISHED"]
+
+    def dominates(a: TrialSummary, b: TrialSummary) -> bool:
+        acc_a, acc_b, cost_a, cost_b = a.metrics[METRIC], b.metrics[METRIC], a.metrics[cost], b.metrics[cost]
+        return acc_a >= acc_b and cost_a <= cost_b and (acc_a > acc_b or cost_a < cost_b)
+
+    front = [t for t in finished if not any(dominates(o, t) for o in finished)]
+    return sorted(front, key=lambda t: t.metrics[cost])
+
+
+def _export_pareto(spec: SweepSpec, trials: list[TrialSummary], deployable_of: Any, data: Any, directory: Path,
+                   tracker: Tracker, parent_run_id: str) -> list[dict[str, Any]]:
+    """Every Pareto-optimal student as files (pullable with --trial), and the front as a table."""
+    if spec.sweep.cost is None:
+        return []
+    cost = f"cost_{spec.sweep.cost}"
+    rows = []
+    for trial in pareto_front(trials, cost):
+        deployable, meta = deployable_of(trial)
+        test_acc, _ = write_student_files(deployable, data, directory / PARETO_DIR / trial.trial_id, tracker,
+                                          parent_run_id, f"{PARETO_DIR}/{trial.trial_id}", meta)
+        rows.append({"trial_id": trial.trial_id, "val_acc": trial.metrics[METRIC], "test_acc": test_acc,
+                     "cost_name": spec.sweep.cost, "cost": trial.metrics[cost], "settings": trial.sampled})
+    tracker.client.log_dict(parent_run_id, rows, "pareto.json")
+    tracker.set_tags(parent_run_id, {"kdsweep.pareto_trial_ids": ",".join(r["trial_id"] for r in rows)})
+    return rows
 

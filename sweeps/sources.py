@@ -28,11 +28,11 @@ def teacher_stage(spec: SweepSpec) -> StageSpec | None:
     )
 
 
-def baseline_stage(spec: SweepSpec, recipe: Recipe) -> StageSpec:
-    """The CE-only student of the spec's architecture, trained with `recipe`."""
+def baseline_stage(spec: SweepSpec, recipe: Recipe, student_arch: dict[str, Any]) -> StageSpec:
+    """The CE-only student of `student_arch`, trained with `recipe`."""
     return StageSpec(
         role="baseline",
-        arch=spec.student.arch.model_dump(),
+        arch=student_arch,
         data=spec.data.model_dump(),
         recipe=recipe.as_dict(),
         seed=spec.sweep.seed,
@@ -63,11 +63,13 @@ def assistant_archs(spec: SweepSpec) -> tuple[dict[str, Any], ...]:
     return tuple(spaced_assistants(spec.teacher.arch, spec.student.arch, DEFAULT_ASSISTANTS))
 
 
-def source_plan(spec: SweepSpec, num_classes: int, input_shape: tuple[int, ...]) -> SourcePlan:
+def source_plan(
+    spec: SweepSpec, num_classes: int, input_shape: tuple[int, ...], student_arch: dict[str, Any] | None = None
+) -> SourcePlan:
     return SourcePlan(
         teacher=teacher_stage(spec),
         assistants=assistant_archs(spec),
-        student_arch=spec.student.arch.model_dump(),
+        student_arch=student_arch or spec.student.arch.model_dump(),
         data=spec.data.model_dump(),
         recipe=spec.recipe.build().as_dict(),
         seed=spec.sweep.seed,

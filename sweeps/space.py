@@ -44,6 +44,7 @@ class TrialPlan:
     method: str
     params: MethodParams
     recipe: Recipe
+    student_arch: dict[str, Any]  # {"name": ..., "args": {...}}, searched arguments applied
     sampled: dict[str, Any]
 
     def param_dict(self) -> dict[str, Any]:
@@ -61,5 +62,9 @@ def resolve_trial(spec: SweepSpec, sampled: dict[str, Any]) -> TrialPlan:
     recipe_overrides = {
         path.split(".", 1)[1]: value for path, value in sampled.items() if path.startswith("recipe.")
     }
+    student_args = {
+        path.split(".", 2)[2]: value for path, value in sampled.items() if path.startswith("student.args.")
+    }
+    student_arch = {"name": spec.student.arch.name, "args": {**spec.student.arch.args, **student_args}}
     params = DISTILLERS.get(method).make_params({**base, **searched})
-    return TrialPlan(method, params, spec.recipe.build(recipe_overrides), dict(sampled))
+    return TrialPlan(method, params, spec.recipe.build(recipe_overrides), student_arch, dict(sampled))

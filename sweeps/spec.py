@@ -29,7 +29,7 @@ from kd_core.recipes import RECIPES, Recipe
 from kd_core.registry import Registry
 from sweeps.sources import source_plan
 
-SEARCH_PREFIXES = ("method.", "recipe.")
+SEARCH_PREFIXES = ("method.", "recipe.", "student.args.")
 
 
 class SpecError(ValueError):
@@ -246,6 +246,9 @@ class SweepSettings(Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
+    #: `[accuracy]`, or `[accuracy, params | flops]` for a multi-objective search that also
+    #: minimises the deployed student's cost (reported as a Pareto front).
+    objectives: list[Literal["accuracy", "params", "flops"]] = Field(default_factory=lambda: ["accuracy"])
     #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
 
@@ -253,6 +256,21 @@ class SweepSettings(Strict):
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 else "cpu"
+
+    @property
+    def cost(self) -> str | None:
+        """The cost objective of a multi-objective sweep, else None."""
+        return self.objectives[1] if len(self.objectives) > 1 else None
+
+    @model_validator(mode="after")
+    def _objectives(self) -> SweepSettings:
+        if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2 \
+                or "accuracy" in self.objectives[1:]:
+            raise ValueError("objectives: [accuracy] or [accuracy, params | flops]")
+        if self.cost and self.scheduler.type == "asha":
+            raise ValueError("a multi-objective sweep cannot use ASHA (it stops trials on one metric): "
+                             "set scheduler: {type: none}")
+        return self
 
 
 class TrackingSpec(Strict):
@@ -439,6 +457,16 @@ def check_search_space(spec: SweepSpec) -> None:
                 base = spec.fixed_params(name)
                 _check_values(where, param,
                               lambda v, c=cls, b=base, f=field: dataclass_from_dict(c.Params, {**b, f: v}))
+        elif path.startswith("student.args."):
+            factory = MODELS.get(spec.student.arch.name)
+            name = path.split(".", 2)[2]
+
+            def build(value: Any, name: str = name, factory: Any = factory) -> None:
+                args = factory_args(factory, {**spec.student.arch.args, name: value},
+                                    fixed=("num_classes", "in_channels"))
+                factory(num_classes=10, in_channels=3, **args)
+
+            _check_values(where, param, build)
         else:
             _check_values(where, param, lambda v, f=field: spec.recipe.build({f: v}))
         seen.append(path)

@@ -13,6 +13,7 @@ import ray
 import torch
 from ray import tune
 
+from kd_core.cost import COSTS
 from kd_core.train import EpochReport, NonFiniteLossError, fit, load_checkpoint
 from sweeps.pipeline import (
     SweepContext,
@@ -35,7 +36,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     trial_id = tune.get_context().get_trial_id()
     plan = resolve_trial(spec, config)
     device = spec.sweep.device
-    student_arch = spec.student.arch.model_dump()
+    student_arch = plan.student_arch
     run_id = tracker.open_child(
         context.parent_run_id, "trial", TAG_TRIAL, trial_id, f"trial-{trial_id}",
         params={"method": plan.method, **plan.param_dict(), **arch_params("arch", student_arch),
@@ -51,7 +52,10 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         # a failing stage fails this trial's run with a reason instead of leaving no run.
         sources = trial_sources(spec, plan, data, context, tracker, device)
         tracker.set_tags(run_id, lineage_tags(sources))
-        distiller = build_distiller(plan, student_arch, data, spec.sweep.seed, sources, device)
+        distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
+        example, _ = next(data.val.batches(1))
+        costs = {f"cost_{name}": float(measure(distiller.deployable(), example)) for name, measure in COSTS.items()}
+        tracker.log_metrics(run_id, costs, 0)
         checkpoint = tune.get_checkpoint()
         resume = None
         if checkpoint is not None:
@@ -68,7 +72,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 tracker.log_metrics(run_id, epoch.metrics, epoch.epoch)
             with tempfile.TemporaryDirectory() as directory:
                 epoch.save(directory)
-                tune.report(epoch.metrics, checkpoint=tune.Checkpoint.from_directory(directory))
+                tune.report({**epoch.metrics, **costs}, checkpoint=tune.Checkpoint.from_directory(directory))
 
         fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=report, resume=resume)
         status = "FINISHED"

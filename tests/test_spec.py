@@ -78,6 +78,10 @@ BAD = [
     ("search", {"method.T": {"type": "int", "low": 1.5, "high": 4}}, "search.method.T: an int parameter needs whole-number"),
     ("teacher", None, "method kd: needs a teacher (add a 'teacher' section)"),
     ("name", "my sweep!", "name: use letters, digits"),
+    ("sweep", {"objectives": ["accuracy", "params"]}, "a multi-objective sweep cannot use ASHA"),
+    ("sweep", {"objectives": ["params"]}, "objectives: [accuracy] or [accuracy, params | flops]"),
+    ("search", {"student.args.width": {"type": "int", "low": 0, "high": 4}},
+     "search.student.args.width: value 0 is invalid: width and depth must be at least 1"),
     ("sweep/initial_points", [{"method.Z": 1}], "sweep.initial_points.0: 'method.Z' is not a searched parameter"),
     ("sweep/initial_points", [{"method.T": 50}], "sweep.initial_points.0: method.T=50 is outside [1.0, 10.0]"),
 ]
