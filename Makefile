@@ -3,13 +3,17 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Debian's Chromium, for the real-browser test of the MLflow UI (Playwright's own browser
+# download cannot reach its host from CI). sudo only when not root.
+CHROMIUM ?= /usr/bin/chromium
+SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
 .PHONY: sweep test lint
 
 sweep: $(VENV)/.installed  ## the main job: a real sweep on the embedded default
 	$(BIN)/kdsweep run sweeps/specs/digits_kd.yaml
 
-test: $(VENV)/.installed  ## the whole test suite
+test: $(VENV)/.installed $(CHROMIUM)  ## the whole test suite (tests/test_browser.py drives Chromium)
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -21,3 +25,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $@
+
+# Installed only when missing: the file itself is the target.
+$(CHROMIUM):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
