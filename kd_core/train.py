@@ -7,16 +7,19 @@ caller through `callback(EpochReport)`, which may save a checkpoint with `report
 from __future__ import annotations
 
 import copy
+import functools
 import math
+import operator
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from kd_core.cache import SourceLogitCache
 from kd_core.data.base import Dataset, SplitLike
 from kd_core.distillers.base import Distiller
 from kd_core.recipes import Recipe
@@ -79,6 +82,9 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone().cpu() for k, v in state.items()}
 
 
+Precision = Literal["float32", "bfloat16", "float16"]
+
+
 def fit(
     distiller: Distiller,
     data: Dataset,
@@ -87,17 +93,29 @@ def fit(
     seed: int = 0,
     callback: Callable[[EpochReport], None] | None = None,
     resume: dict[str, Any] | None = None,
+    source_cache: SourceLogitCache | None = None,
+    precision: Precision = "float32",
+    channels_last: bool = False,
 ) -> FitResult:
     """Train `distiller` for `recipe.epochs` epochs on `data` (already on its device).
 
     Each epoch: one pass over train, then val; the best epoch is the highest val accuracy
     (ties: lower val loss). The last epoch also reports test metrics of the best-epoch
-    and last-epoch models. `resume` is a checkpoint from `load_checkpoint`.
+    and last-epoch models. `resume` is a checkpoint from `load_checkpoint`. With
+    `source_cache`, training batches replay the cached views and the distiller reads the
+    sources' cached logits instead of running them. `precision` (autocast) and
+    `channels_last` apply on CUDA only; on the CPU training stays float32.
     """
+    device = next(distiller.parameters()).device
+    on_cuda = device.type == "cuda"
+    autocast_dtype = getattr(torch, precision) if on_cuda and precision != "float32" else None
+    memory_format = torch.channels_last if on_cuda and channels_last else torch.contiguous_format
+    distiller.to(memory_format=memory_format)
     groups = [{"params": g["params"], "lr": recipe.lr * g.get("lr_scale", 1.0)}
               for g in distiller.param_groups()]
     optimizer = recipe.make_optimizer(groups)
     scheduler = recipe.make_scheduler(optimizer)
+    scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
     weights = distiller.weights
     deployable = distiller.deployable()
     start_epoch = 0
@@ -107,6 +125,7 @@ def fit(
         distiller.load_state_dict(resume["model"], strict=False)
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        scaler.load_state_dict(resume.get("scaler", {}))
         torch.set_rng_state(resume["rng"])
         start_epoch = int(resume["epoch"])
         best = dict(resume["best"])
@@ -116,27 +135,40 @@ def fit(
         started = time.perf_counter()
         distiller.train()
         shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        sums: dict[str, float] = {}
-        seen, correct = 0, 0
-        for images, labels in data.train.batches(recipe.batch_size, shuffle):
-            logits, terms = distiller.forward_train(images, labels)
-            loss = sum(weights.get(name, 0.0) * term for name, term in terms.items())
+        if source_cache is not None:
+            batches = source_cache.batches(data.train, recipe.batch_size, shuffle)
+        else:
+            batches = ((images, labels, None) for images, labels in data.train.batches(recipe.batch_size, shuffle))
+        # Loss sums stay on the device (one synchronisation per epoch, not per step); the
+        # floats of `after_step` (a method's own optimizer) are summed on the host.
+        loss_sums: torch.Tensor | None = None
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        extra_sums: dict[str, float] = {}
+        seen = 0
+        for images, labels, cached in batches:
+            images = images.contiguous(memory_format=memory_format) if images.dim() == 4 else images
+            distiller.cached_source_logits = cached
+            with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits, terms = distiller.forward_train(images, labels)
+                loss = functools.reduce(operator.add, (weights.get(name, 0.0) * term for name, term in terms.items()))
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            extra = distiller.after_step(images, labels, logits.detach())
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            logits = logits.detach()
             n = len(labels)
             seen += n
-            correct += (logits.detach().argmax(1) == labels).sum().item()
-            sums["train_loss"] = sums.get("train_loss", 0.0) + loss.item() * n
-            for name, term in terms.items():
-                key = f"train_loss_{name}"
-                sums[key] = sums.get(key, 0.0) + term.item() * n
-            for name, value in extra.items():
-                sums[f"train_{name}"] = sums.get(f"train_{name}", 0.0) + value * n
+            values = torch.stack([loss.detach(), *(term.detach() for term in terms.values())]).float()
+            loss_sums = values * n if loss_sums is None else loss_sums.add_(values, alpha=n)
+            correct += (logits.argmax(1) == labels).sum()
+            for name, value in distiller.after_step(images, labels, logits).items():
+                extra_sums[f"train_{name}"] = extra_sums.get(f"train_{name}", 0.0) + value * n
+        distiller.cached_source_logits = None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
-        metrics = {k: v / seen for k, v in sums.items()}
+        names = ["train_loss", *(f"train_loss_{name}" for name in terms)]
+        metrics = {name: total / seen for name, total in zip(names, loss_sums.tolist(), strict=True)}
+        metrics.update({name: total / seen for name, total in extra_sums.items()})
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {epoch}")
         val_loss, val_acc = evaluate(deployable, data.val)
@@ -144,7 +176,7 @@ def fit(
             best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
                     "state": _clone(deployable.state_dict())}
         metrics.update(
-            train_acc=correct / seen, val_loss=val_loss, val_acc=val_acc,
+            train_acc=correct.item() / seen, val_loss=val_loss, val_acc=val_acc,
             val_acc_best=best["val_acc"], val_loss_best=best["val_loss"],
             best_epoch=float(best["epoch"]), lr=lr,
             epoch_time=time.perf_counter() - started,
@@ -157,7 +189,7 @@ def fit(
             return {
                 "epoch": epoch, "model": _trainable_state(distiller),
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "rng": torch.get_rng_state(), "best": best,
+                "scaler": scaler.state_dict(), "rng": torch.get_rng_state(), "best": best,
             }
 
         if callback is not None:

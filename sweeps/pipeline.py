@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
 import torch
 
+from kd_core.cache import SourceLogitCache, build_cache, replayable
 from kd_core.data import DATASETS, Dataset
 from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import StagedModel, build_model
@@ -19,11 +21,13 @@ from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, fit
 from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan, resolve_trial
-from sweeps.spec import SweepSpec
+from sweeps.spec import SweepSettings, SweepSpec
 from sweeps.tracking import TAG_STAGE, Tracker
 
+CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store
 _datasets: dict[tuple[str, str], Dataset] = {}  # per process: a reused actor loads data once
 _models: dict[tuple[str, str], StagedModel] = {}
+_caches: dict[tuple[str, ...], SourceLogitCache] = {}
 
 
 @dataclass(frozen=True)
@@ -90,15 +94,33 @@ def lineage_tags(sources: list[Source]) -> dict[str, str]:
     return tags
 
 
+def fit_options(
+    context: SweepContext, distiller: Distiller, sources: list[Source], data: Dataset, data_spec: dict[str, Any]
+) -> dict[str, Any]:
+    """`fit`'s keyword arguments from the sweep settings: precision, memory format and, where
+    the method allows it, the teacher-output cache in the sweep's storage."""
+    settings = SweepSettings.model_validate(context.spec["sweep"])
+    cache, use_cache = settings.teacher_cache, None
+    if cache.enabled and sources and distiller.can_cache_sources() and replayable(data.train):
+        data_key = json.dumps(data_spec, sort_keys=True)
+        key = (context.storage, tuple(s.record.key for s in sources), data_key, cache.model_dump_json(),
+               str(data.train.labels.device))
+        if key not in _caches:  # a reused actor loads it once
+            _caches[key] = build_cache(Path(context.storage) / CACHE_DIR, [(s.record.key, s.model) for s in sources],
+                                       data_key, data.train, views=cache.views, seed=cache.seed, dtype=cache.dtype)
+        use_cache = _caches[key]
+    return {"source_cache": use_cache, "precision": settings.precision, "channels_last": settings.channels_last}
+
+
 def train_stage(
-    stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, parent_run_id: str
+    stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, context: SweepContext
 ) -> TrainedStage:
     """Train one stage with its method, learning from its (already resolved) parents."""
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
     params = method.make_params(stage.method.get("params", {}))
     run_id = tracker.open_child(
-        parent_run_id, stage.role, TAG_STAGE, stage.key, f"{stage.role}-{stage.key[:8]}",
+        context.parent_run_id, stage.role, TAG_STAGE, stage.key, f"{stage.role}-{stage.key[:8]}",
         params={"method": stage.method["name"], **vars(params), **arch_params("arch", stage.arch),
                 **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed,
                 "stage_key": stage.key},
@@ -116,7 +138,8 @@ def train_stage(
             if report.epoch > logged:
                 tracker.log_metrics(run_id, report.metrics, report.epoch)
 
-        result = fit(distiller, data, recipe, seed=stage.seed, callback=log)
+        result = fit(distiller, data, recipe, seed=stage.seed, callback=log,
+                     **fit_options(context, distiller, sources, data, stage.data))
         status = "FINISHED"
         return TrainedStage(
             result.best_state, data.num_classes, data.in_channels,
@@ -136,7 +159,7 @@ def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, dev
     if record is None:
         parents = [resolve_stage(p, context, tracker, device) for p in stage.parents]
         record, _ = store.get_or_train(
-            stage, lambda s: train_stage(s, parents, device, tracker, context.parent_run_id)
+            stage, lambda s: train_stage(s, parents, device, tracker, context)
         )
     key = (record.key, device)
     if key not in _models:
@@ -174,7 +197,8 @@ def retrain(
     data = load_dataset(spec.data.model_dump(), device)
     sources = trial_sources(spec, plan, data, context, tracker, device)
     distiller = build_distiller(plan, data, seed, sources, device)
-    return fit(distiller, data, plan.recipe, seed=seed).metrics
+    options = fit_options(context, distiller, sources, data, spec.data.model_dump())
+    return fit(distiller, data, plan.recipe, seed=seed, **options).metrics
 
 
 def retrain_task(spec_data: dict[str, Any], sampled: dict[str, Any], seed: int, context: SweepContext,

@@ -88,7 +88,8 @@ class SweepOutcome:
     export: ExportResult
     confirmations: list[Confirmation]
     pareto: list[dict[str, Any]]  # multi-objective sweeps: the Pareto front, cheapest first
-    seconds: float
+    seconds: float  # the whole sweep
+    tune_seconds: float = 0.0  # the trials alone (Tune's fit)
 
 
 def default_sweep_name(spec: SweepSpec) -> str:
@@ -248,7 +249,9 @@ def _drive(
                                LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)],
                 ),
             )
+        tune_started = time.monotonic()
         results = tuner.fit()
+        tune_seconds = time.monotonic() - tune_started
         trials = _summaries(results, epochs)
         _reconcile(tracker, parent_run_id, trials)
         outcome = _finish(spec, name, storage, tracker, parent_run_id, results, trials, console)
@@ -262,7 +265,7 @@ def _drive(
         if started_ray:
             ray.shutdown()
     tracker.finish(parent_run_id, "FINISHED")
-    return dataclasses.replace(outcome, seconds=time.monotonic() - started)
+    return dataclasses.replace(outcome, seconds=time.monotonic() - started, tune_seconds=tune_seconds)
 
 
 def _summaries(results: tune.ResultGrid, epochs: int) -> list[TrialSummary]:

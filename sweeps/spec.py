@@ -236,11 +236,25 @@ class ConfirmSpec(Strict):
     seeds: int = Field(3, ge=1)
 
 
+class TeacherCacheSpec(Strict):
+    """Frozen sources' logits on the training set, computed once per sweep storage and shared
+    by every trial (used only by methods whose sources stay frozen and give only logits)."""
+
+    enabled: bool = True
+    views: int = Field(4, ge=1)  # augmentation views per image (1 when there is no augmentation)
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = 0  # draws the views
+
+
 class SweepSettings(Strict):
     num_trials: int = Field(16, ge=1)
     max_concurrent: int = Field(2, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0)
     gpus_per_trial: float = Field(0.0, ge=0)  # > 0 trains on CUDA; fractions share a GPU
+    #: CUDA only (CPU trials train in float32 whatever is set here).
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    channels_last: bool = False
+    teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
     seed: int = 0  # student initialisation and shuffling
     max_failures: int = Field(0, ge=0)
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)

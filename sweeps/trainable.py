@@ -19,6 +19,7 @@ from sweeps.pipeline import (
     SweepContext,
     arch_params,
     build_distiller,
+    fit_options,
     lineage_tags,
     load_dataset,
     recipe_params,
@@ -51,8 +52,10 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         # Sources may be trained here, by the first trial that needs them: inside `try`, so
         # a failing stage fails this trial's run with a reason instead of leaving no run.
         sources = trial_sources(spec, plan, data, context, tracker, device)
-        tracker.set_tags(run_id, lineage_tags(sources))
         distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
+        options = fit_options(context, distiller, sources, data, spec.data.model_dump())
+        tracker.set_tags(run_id, {**lineage_tags(sources),
+                                  "kdsweep.teacher_cache": "on" if options["source_cache"] else "off"})
         example, _ = next(data.val.batches(1))
         costs = {f"cost_{name}": float(measure(distiller.deployable(), example)) for name, measure in COSTS.items()}
         tracker.log_metrics(run_id, costs, 0)
@@ -74,7 +77,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
                 epoch.save(directory)
                 tune.report({**epoch.metrics, **costs}, checkpoint=tune.Checkpoint.from_directory(directory))
 
-        fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=report, resume=resume)
+        fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=report, resume=resume, **options)
         status = "FINISHED"
     except SystemExit:  # how Tune stops a trial; ASHA also stops every trial at max_t
         if reached_last_epoch:

@@ -115,6 +115,14 @@ def test_teacher_trained_exactly_once_and_lineage_recorded(sweep) -> None:
     assert parent.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
 
 
+def test_trials_share_one_teacher_output_cache(sweep) -> None:
+    tracker, parent = sweep["tracker"], sweep["parent"]
+    for run in tracker.children(parent.info.run_id, "trial"):
+        assert run.data.tags["kdsweep.teacher_cache"] == "on"
+    # digits has no augmentation: one exact view, computed once for the one teacher
+    assert len(list((sweep["work"] / "kdsweep_storage" / "teacher_cache").rglob("logits.pt"))) == 1
+
+
 def test_driver_prints_best_beside_ce_baseline(sweep) -> None:
     text = " ".join(sweep["stdout"].split())
     assert "student, CE only" in text and "student, best trial" in text

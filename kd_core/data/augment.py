@@ -49,6 +49,13 @@ class Normalize:
         scale, shift = self._scale_shift(images.device, images.dtype == torch.uint8)
         return images.float() * scale - shift
 
+    def draw(self, n: int, generator: torch.Generator) -> None:
+        """No random parameters: every view of an image is the same."""
+        return None
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor | None) -> torch.Tensor:
+        return self(images)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(mean={self.mean}, std={self.std})"
 
@@ -69,17 +76,30 @@ class CropFlipNormalize:
     def __call__(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         if generator is None:
             return self.normalize(images)
-        n, _, height, width = images.shape
+        return self.apply(images, self.draw(len(images), generator))
+
+    def draw(self, n: int, generator: torch.Generator) -> torch.Tensor:
+        """Random parameters of `n` views, (n, 3): crop offsets dy, dx and the flip bit.
+
+        Drawn on the CPU generator (reproducible everywhere); `apply` replays them, so a fixed
+        bank of views can be stored and shown again (the teacher-output cache does)."""
         p = self.padding
-        # Draw on the CPU generator (reproducible everywhere), then move the few numbers over.
         dy = torch.randint(0, 2 * p + 1, (n, 1), generator=generator)
         dx = torch.randint(0, 2 * p + 1, (n, 1), generator=generator)
-        flipped = torch.rand(n, 1, generator=generator) < 0.5 if self.flip else torch.zeros(n, 1, dtype=torch.bool)
+        flipped = (torch.rand(n, 1, generator=generator) < 0.5 if self.flip
+                   else torch.zeros(n, 1, dtype=torch.bool))
+        return torch.cat([dy, dx, flipped.long()], dim=1)
+
+    def apply(self, images: torch.Tensor, params: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        p = self.padding
+        params = params.to(images.device, non_blocking=True)
+        dy, dx, flipped = params[:, :1], params[:, 1:2], params[:, 2:].bool()
         # Output pixel (i, j) of sample k reads padded pixel (dy_k + i, dx_k + j), or (dy_k + i, dx_k + W-1-j)
         # when flipped: crop and flip are one gather along the flattened padded image.
-        rows = dy + torch.arange(height)
-        cols = dx + torch.where(flipped, torch.arange(width - 1, -1, -1), torch.arange(width))
-        rows, cols = rows.to(images.device, non_blocking=True), cols.to(images.device, non_blocking=True)
+        columns = torch.arange(width, device=images.device)
+        rows = dy + torch.arange(height, device=images.device)
+        cols = dx + torch.where(flipped, columns.flip(0), columns)
         padded = F.pad(images, (p, p, p, p)) if p else images
         index = (rows.view(n, height, 1) * (width + 2 * p) + cols.view(n, 1, width)).view(n, 1, height * width)
         cropped = padded.flatten(2).gather(2, index.expand(-1, images.shape[1], -1)).view(images.shape)

@@ -67,6 +67,9 @@ class Distiller(nn.Module):
     Params: ClassVar[type[MethodParams]] = MethodParams
     #: Whether the sources' outputs stay fixed during training (cacheable across trials).
     frozen_sources: ClassVar[bool] = True
+    #: Whether the sources are read only through `source_logits`, so that logits cached once
+    #: per sweep (kd_core.cache) can stand in for their forward pass.
+    logit_sources: ClassVar[bool] = False
 
     def __init__(
         self, student: StagedModel, sources: Sequence[StagedModel], params: MethodParams
@@ -75,6 +78,8 @@ class Distiller(nn.Module):
         self.student = student
         self.sources = nn.ModuleList(sources)
         self.params = params
+        #: The current batch's source logits from the teacher-output cache, set by `fit`.
+        self.cached_source_logits: list[torch.Tensor] | None = None
         for source in self.sources:
             source.requires_grad_(False)
             source.eval()
@@ -125,9 +130,18 @@ class Distiller(nn.Module):
     def weights(self) -> dict[str, float]:
         return self.params.weights()
 
+    @classmethod
+    def can_cache_sources(cls) -> bool:
+        return cls.frozen_sources and cls.logit_sources
+
     @torch.no_grad()
-    def source_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [source(images) for source in self.sources]
+    def source_logits(self, images: torch.Tensor, only: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """Logits of the sources (or of those at positions `only`): cached ones when `fit` has
+        them for this batch, else a forward pass of each."""
+        chosen = range(len(self.sources)) if only is None else only
+        if self.cached_source_logits is not None:
+            return [self.cached_source_logits[i] for i in chosen]
+        return [self.sources[i](images) for i in chosen]
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor

@@ -66,6 +66,7 @@ def keep_mask(num_sources: int, params: DGKDParams, generator: torch.Generator |
 @DISTILLERS.register("dgkd")
 class DGKDDistiller(Distiller):
     Params = DGKDParams
+    logit_sources = True
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: DGKDParams) -> None:
         super().__init__(student, sources, params)
@@ -90,7 +91,6 @@ class DGKDDistiller(Distiller):
         p = self.params
         logits = self.student(images)
         keep = keep_mask(len(self.sources), p)
-        with torch.no_grad():
-            kept_logits = [source(images) for source, kept in zip(self.sources, keep, strict=True) if kept]
+        kept_logits = self.source_logits(images, only=[i for i, kept in enumerate(keep) if kept])
         kd = sum(kd_loss(logits, source_logits, p.T, p.kl_reduction) for source_logits in kept_logits)
         return logits, {"ce": cross_entropy(logits, labels), "kd": kd}

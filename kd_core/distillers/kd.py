@@ -23,6 +23,7 @@ class KDParams(SoftTargetParams):
 @DISTILLERS.register("kd")
 class KDDistiller(Distiller):
     Params = KDParams
+    logit_sources = True
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: KDParams) -> None:
         super().__init__(student, sources, params)

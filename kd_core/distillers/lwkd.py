@@ -139,7 +139,7 @@ class LWKDDistiller(Distiller):
         """One step of D: -log D(q) - log(1 - D(sg(p_s))), on a fresh draw of q."""
         T = self.params.T
         teacher_probs = F.softmax(self.draw_soft_targets(labels) / T, dim=1)
-        student_probs = F.softmax(logits.detach() / T, dim=1)
+        student_probs = F.softmax(logits.detach().float() / T, dim=1)  # float under mixed precision
         d_teacher = self.discriminator(teacher_probs, labels)
         d_student = self.discriminator(student_probs, labels)
         loss = (F.binary_cross_entropy_with_logits(d_teacher, torch.ones_like(d_teacher))
