@@ -1,1 +1,3 @@
-"""The Ray cluster side: loopback multi-node clusters, job submission, manifests (issue 7)."""
+"""The Ray cluster side: a loopback multi-node cluster with an MLflow server (`local`), sweeps
+as Ray jobs (`jobs`), and manifests for real clusters (`manifests/`: KubeRay, the AWS cluster
+launcher, the container image)."""

@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
@@ -16,6 +17,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from cluster import local as local_cluster
+from cluster.local import ClusterError
 from sweeps.spec import NAME_PATTERN, SpecError, load_spec
 from sweeps.tracking import DEFAULT_TRACKING_URI, TAG_SWEEP, Tracker, resolve_tracking_uri
 
@@ -46,7 +49,7 @@ def user_errors(command: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return command(*args, **kwargs)
-        except (SpecError, NotFoundError) as error:
+        except (SpecError, NotFoundError, ClusterError) as error:
             err.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
@@ -101,6 +104,7 @@ def run(
     if storage.exists() and not storage.is_dir():
         raise SpecError(f"--storage {storage}: not a directory")
     tracker = _tracker(tracking_uri)
+    _cluster_token_env(address)
 
     from sweeps.runner import SweepFailedError, default_sweep_name, run_sweep  # Ray: after validation
 
@@ -123,6 +127,7 @@ def resume(
 ) -> None:
     """Continue a sweep whose driver was interrupted or killed, then print its result."""
     tracker = _tracker(tracking_uri, reading=True)
+    _cluster_token_env(address)
 
     from sweeps.runner import SweepFailedError, resume_sweep  # Ray: after validation
 
@@ -132,6 +137,17 @@ def resume(
         err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     _print_outcome(outcome)
+
+
+def _cluster_token_env(address: str | None) -> None:
+    """`--address` of the loopback cluster in ./kdsweep_cluster: use its token (unless one is set).
+    Must run before Ray is imported, which reads RAY_AUTH_MODE once."""
+    if not address or address == "auto" or {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
+        return
+    found = local_cluster.find_local(address)
+    if found is not None:
+        os.environ["RAY_AUTH_TOKEN_PATH"] = found.token_file
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
 
 
 def _print_outcome(outcome: Any) -> None:
@@ -278,13 +294,31 @@ def pull(
             out.print(f"{to / path.name}")
 
 
+ClusterDir = Annotated[Path, typer.Option(
+    "--cluster-dir", help="Where `kdsweep cluster up` keeps the loopback cluster's state.")]
+JobAddress = Annotated[str | None, typer.Option(
+    help="Ray dashboard URL (Jobs API), e.g. http://127.0.0.2:8265 "
+         "[default: the loopback cluster in --cluster-dir].")]
+
+
 @app.command()
 @user_errors
 def status(
     name: Annotated[str | None, typer.Argument(help="A sweep: list its trials.")] = None,
     tracking_uri: TrackingUri = None,
+    job: Annotated[str | None, typer.Option(
+        help="A sweep submitted with `kdsweep submit`: its Ray job (the job id is the sweep name).")] = None,
+    address: JobAddress = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="With --job: stream the job's logs until it ends; exit 1 unless it succeeded.")] = False,
+    cluster_dir: ClusterDir = local_cluster.DEFAULT_DIR,
 ) -> None:
-    """List sweeps with trial counts and best so far, or one sweep's trials."""
+    """List sweeps with trial counts and best so far, or one sweep's trials, or follow a job."""
+    if job is not None:
+        _job_status(job, address, follow, cluster_dir)
+        return
+    if follow:
+        raise SpecError("--follow follows a job: give --job JOB_ID")
     tracker = _tracker(tracking_uri, reading=True)
     if name is None:
         sweeps = tracker.find_sweeps()
@@ -323,6 +357,187 @@ def status(
 
 def _epochs(tracker: Tracker, run_id: str) -> int:
     return len(tracker.client.get_metric_history(run_id, "val_acc"))
+
+
+def _job_client(address: str | None, cluster_dir: Path) -> tuple[Any, local_cluster.Cluster | None]:
+    """A Jobs API client for `address`, or for the loopback cluster when none is given."""
+    from cluster import jobs
+
+    found = local_cluster.find_local(address, cluster_dir)
+    if address is None:
+        if found is None:
+            raise ClusterError(f"no --address given and no cluster recorded in {cluster_dir}: pass "
+                               "--address http://HOST:8265 or start one with `kdsweep cluster up`")
+        address = found.dashboard_url
+    return jobs.connect(address, jobs.token_for(found)), found
+
+
+def _job_status(job_id: str, address: str | None, follow: bool, cluster_dir: Path) -> None:
+    from cluster import jobs
+
+    client, _ = _job_client(address, cluster_dir)
+    try:
+        if follow:
+            final = jobs.follow(client, job_id, lambda chunk: out.print(chunk, end="", markup=False,
+                                                                          highlight=False, soft_wrap=True))
+        else:
+            final = jobs.status(client, job_id)
+    except jobs.JobNotFoundError as error:
+        raise NotFoundError(str(error)) from None
+    when = " ".join(f"{label} {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))}"
+                    for label, t in (("started", final.start_time), ("ended", final.end_time)) if t)
+    out.print(f"job {final.job_id}: {final.status}" + (f" ({when})" if when else ""), highlight=False)
+    out.print(f"  entrypoint: {final.entrypoint}", highlight=False, soft_wrap=True, markup=False)
+    if final.status != "SUCCEEDED" and final.message:
+        out.print(f"  {final.message.strip().splitlines()[0]}", highlight=False, soft_wrap=True, markup=False)
+    if follow and final.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="Sweep spec (YAML).")],
+    address: JobAddress = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking server every node reaches [default: $MLFLOW_TRACKING_URI, "
+                               "else the loopback cluster's server].")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Storage root as every node sees it: a shared filesystem path "
+             "[default: the loopback cluster's storage].")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Sweep name, also the Ray job id [default: SPEC-NAME-TIMESTAMP].")] = None,
+    num_trials: Annotated[int | None, typer.Option(min=1, help="Override sweep.num_trials.")] = None,
+    max_concurrent: Annotated[int | None, typer.Option(min=1, help="Override sweep.max_concurrent.")] = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Stream the job's logs until it ends (exit 1 unless it succeeds).")] = True,
+    working_dir: Annotated[Path, typer.Option(
+        help="Project directory shipped with the job (plugins, local modules); "
+             "environments, stores and caches are left out.")] = Path("."),
+    cluster_dir: ClusterDir = local_cluster.DEFAULT_DIR,
+) -> None:
+    """Run a sweep as a Ray job on a cluster: `kdsweep run` on the head, trials on every node."""
+    from cluster import jobs
+
+    spec = load_spec(spec_path)
+    overrides = {k: v for k, v in {"num_trials": num_trials, "max_concurrent": max_concurrent}.items()
+                 if v is not None}
+    if overrides:  # validated here, applied by `kdsweep run` on the cluster
+        spec = spec.model_copy(update={"sweep": spec.sweep.model_copy(update=overrides)})
+    if name is not None and not NAME_PATTERN.match(name):
+        raise SpecError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
+    if not working_dir.is_dir():
+        raise SpecError(f"--working-dir {working_dir}: not a directory")
+    if address is not None:
+        jobs.check_address(address)
+    found = local_cluster.find_local(address, cluster_dir)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (found.tracking_uri if found else None)
+    if uri is None:
+        raise SpecError("no tracking server: pass --tracking-uri http://HOST:PORT (one every node reaches)")
+    root = storage or (found.storage if found else None)
+    if root is None:
+        raise SpecError("no storage: pass --storage PATH (a shared filesystem path every node mounts)")
+    uri, root = jobs.check_tracking_uri(uri), jobs.check_storage(root)
+    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # as `kdsweep run` names sweeps
+
+    client, _ = _job_client(address, cluster_dir)
+    job_id = jobs.submit(client, spec_path, name=name, storage=root, tracking_uri=uri, project=working_dir,
+                         spec_name=spec.name, num_trials=num_trials, max_concurrent=max_concurrent)
+    where = client.get_address()
+    err.print(f"[bold]kdsweep[/] job [cyan]{job_id}[/] submitted to {where}; tracking {uri}; storage {root}",
+              highlight=False, soft_wrap=True)
+    follow_hint = f"kdsweep status --job {job_id} --address {where} --follow"
+    if not wait:
+        out.print(job_id)
+        err.print(f"follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        return
+    try:
+        final = jobs.follow(client, job_id, lambda chunk: out.print(chunk, end="", markup=False,
+                                                                      highlight=False, soft_wrap=True))
+    except KeyboardInterrupt:
+        err.print(f"detached; the job goes on. Follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    err.print(f"job {job_id}: {final.status}", highlight=False)
+    if final.status != "SUCCEEDED":
+        if final.message:
+            err.print(final.message.strip().splitlines()[0], highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(1)
+
+
+cluster_app = typer.Typer(
+    name="cluster", no_args_is_help=True,
+    help="A loopback multi-node Ray cluster (head on 127.0.0.2, workers on 127.0.0.3, ...) with "
+         "token auth and an MLflow tracking server on 127.0.0.1.",
+)
+app.add_typer(cluster_app)
+StateDir = Annotated[Path, typer.Option("--dir", help="State, logs, MLflow store and storage of the cluster.")]
+
+
+@cluster_app.command("up")
+@user_errors
+def cluster_up(
+    workers: Annotated[int, typer.Option(min=0, max=250, help="Worker nodes besides the head.")] = 2,
+    num_cpus: Annotated[int, typer.Option(min=1, help="Logical CPUs each node offers to Ray.")] = 1,
+    dashboard_port: Annotated[int, typer.Option(
+        min=0, max=65535, help="Dashboard (Jobs API) port on 127.0.0.2; 0: any free port.")] = 8265,
+    backend_store_uri: Annotated[str | None, typer.Option(
+        help="MLflow backend store, e.g. postgresql://... [default: sqlite in --dir].")] = None,
+    timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for every node.")] = 180,
+    directory: StateDir = local_cluster.DEFAULT_DIR,
+) -> None:
+    """Start the head, the worker nodes and the MLflow server; print the URLs."""
+    started = time.monotonic()
+    cluster = local_cluster.up(directory, workers, num_cpus=num_cpus, dashboard_port=dashboard_port,
+                               backend_store_uri=backend_store_uri, timeout=timeout)
+    out.print(f"cluster up in {time.monotonic() - started:.0f}s: head {cluster.nodes[0].ip}, workers "
+              f"{', '.join(n.ip for n in cluster.nodes[1:]) or 'none'}", highlight=False)
+    _print_urls(cluster)
+    out.print(f"submit a sweep: kdsweep submit SPEC.yaml --address {cluster.dashboard_url}", highlight=False)
+
+
+def _print_urls(cluster: local_cluster.Cluster) -> None:
+    out.print(f"  dashboard / Jobs API: {cluster.dashboard_url}", highlight=False)
+    out.print(f"  Ray address (ray.init, kdsweep run --address): {cluster.gcs_address}", highlight=False)
+    out.print(f"  MLflow tracking server: {cluster.tracking_uri}", highlight=False)
+    out.print(f"  storage: {cluster.storage}", highlight=False)
+    out.print(f"  token: {cluster.token_file} (export RAY_AUTH_TOKEN_PATH=... for other Ray clients)",
+              highlight=False)
+
+
+@cluster_app.command("down")
+@user_errors
+def cluster_down(directory: StateDir = local_cluster.DEFAULT_DIR) -> None:
+    """Stop exactly the processes `cluster up` started (the MLflow store and storage stay)."""
+    stopped = local_cluster.down(directory)
+    out.print(f"cluster in {directory} stopped ({len(stopped)} processes)", highlight=False)
+
+
+@cluster_app.command("status")
+@user_errors
+def cluster_status(
+    directory: StateDir = local_cluster.DEFAULT_DIR,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Nodes (as Ray sees them), their resources, and the cluster's URLs."""
+    report = local_cluster.status(directory)
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    table = Table(title=f"Ray cluster from {report['directory']} ({report['processes']} processes)")
+    for column in ("node", "role", "process", "Ray state", "CPU", "GPU", "memory GiB"):
+        table.add_column(column)
+    for node in report["nodes"]:
+        res = node["resources"]
+        table.add_row(node["ip"], node["role"], node["process"], node["state"], f"{res.get('CPU', 0):g}",
+                      f"{res.get('GPU', 0):g}", f"{res.get('memory', 0) / 2**30:.1f}")
+    out.print(table)
+    if report["ray_error"]:
+        out.print(f"  {report['ray_error']}", highlight=False, soft_wrap=True)
+    out.print(f"  dashboard / Jobs API: {report['dashboard']}", highlight=False)
+    out.print(f"  Ray address: {report['gcs']}", highlight=False)
+    out.print(f"  MLflow tracking server: {report['tracking_uri']} "
+              f"({'running' if report['mlflow_running'] else 'not running'})", highlight=False)
+    out.print(f"  storage: {report['storage']}", highlight=False)
 
 
 @app.command()

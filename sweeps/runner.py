@@ -114,6 +114,7 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     env = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}
     try:
         if address:
+            _token_auth_if_given(address)
             ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=False)
         else:
             ray.init(_node_ip_address=LOCAL_NODE_IP, num_cpus=num_cpus, include_dashboard=False,
@@ -121,6 +122,18 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> bool:
     except (ConnectionError, ValueError) as error:
         raise SpecError(f"cannot start or reach Ray at {address or LOCAL_NODE_IP}: {error}") from None
     return True
+
+
+def _token_auth_if_given(address: str) -> None:
+    """Ray turns token auth on by itself only for address "auto"; for an explicit address
+    (a `kdsweep cluster up` or KubeRay cluster) it must be on whenever a token was given."""
+    if address == "auto" or "RAY_AUTH_MODE" in os.environ:
+        return
+    if {"RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"} & os.environ.keys():
+        # Ray's own switch: sets RAY_AUTH_MODE and refreshes the config it read at import.
+        from ray._private.authentication.authentication_token_setup import _enable_token_auth
+
+        _enable_token_auth()
 
 
 def _sampler(spec: SweepSpec) -> optuna.samplers.BaseSampler:
@@ -258,7 +271,8 @@ def _drive(
     except BaseException as error:
         for run in tracker.running_children(parent_run_id):
             tracker.finish(run.info.run_id, "KILLED", "the sweep driver stopped")
-        status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        # Ctrl-C, or SIGTERM (Ray's and the shell's way to stop a driver) ends a sweep KILLED.
+        status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
         tracker.finish(parent_run_id, status, f"{type(error).__name__}: {error}")
         raise
     finally:

@@ -105,7 +105,8 @@ class Tracker:
         self, parent_run_id: str, role: str, key_tag: str, key: str, name: str,
         params: dict[str, Any], tags: dict[str, str],
     ) -> str:
-        """Create the child run identified by (`key_tag`, `key`), or reopen it after a restart."""
+        """Create the child run identified by (`key_tag`, `key`), or reopen it after a restart
+        (its `tags` then updated: a retried trial may run on another node)."""
         parent = self.client.get_run(parent_run_id)
         existing = [r for r in self.children(parent_run_id, role) if r.data.tags.get(key_tag) == key]
         if existing:  # a retried or resumed trial, or a stage retrained after a crash
@@ -113,6 +114,8 @@ class Tracker:
             self.client.update_run(run_id, status="RUNNING")
             if TAG_REASON in existing[0].data.tags:
                 self.client.delete_tag(run_id, TAG_REASON)
+            if tags:
+                self.set_tags(run_id, tags)
             return run_id
         run = self.client.create_run(
             parent.info.experiment_id, run_name=name,
