@@ -75,10 +75,11 @@ def main() -> None:
         modes = {"ce_only": (distiller("ce", []), {}),
                  "kd_cache": (distiller("kd", [teacher]), {"source_cache": cache}),
                  "kd_no_cache": (distiller("kd", [teacher]), {})}
-        # Modes take turns epoch by epoch, so a change in machine load hits them alike.
+        # Modes take turns epoch by epoch (rotating who goes first), so load changes hit them alike.
         runs: dict[str, list[float]] = {name: [] for name in modes}
         for round_ in range(args.epochs + 1):
-            for name, (model, options) in modes.items():
+            shift = round_ % len(modes)  # each mode goes first in turn
+            for name, (model, options) in [*modes.items()][shift:] + [*modes.items()][:shift]:
                 seconds = one_epoch(model, **options)
                 if round_ > 0:  # the first round warms up
                     runs[name].append(seconds)
