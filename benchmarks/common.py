@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -17,6 +18,8 @@ sys.path.insert(0, str(ROOT))  # run as `python benchmarks/X.py` from a checkout
 
 from kd_core.data import CropFlipNormalize, Dataset, Normalize, Split  # noqa: E402
 from kd_core.data.augment import CIFAR100_MEAN, CIFAR100_STD  # noqa: E402
+from kd_core.recipes import Recipe  # noqa: E402
+from kd_core.train import fit  # noqa: E402
 
 
 def generated_cifar(train: int, classes: int = 100, held_out: int = 1000, seed: int = 0) -> Dataset:
@@ -47,3 +50,31 @@ def write_json(name: str, record: dict[str, Any], path: str | None = None) -> Pa
     target.write_text(json.dumps(record, indent=2, default=str))
     print(f"wrote {target}")
     return target
+
+
+def training_parser(description: str, train: int, epochs: int) -> argparse.ArgumentParser:
+    """The arguments of the training benchmarks: device, generated data size, timing, GPU options."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--train", type=int, default=train, help="training images")
+    parser.add_argument("--classes", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=epochs, help="timed epochs each, after one warm-up round")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json")
+    return parser
+
+
+def training_setup(args: argparse.Namespace) -> tuple[torch.device, Dataset]:
+    """Torch threads set, the device, and generated CIFAR-sized data on it."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    return device, generated_cifar(args.train, args.classes, held_out=max(args.train // 10, 200)).to(device)
+
+
+def fit_epoch_seconds(model: torch.nn.Module, data: Dataset, recipe: Recipe, **options: Any) -> float:
+    """`fit`'s own epoch time (train + val) of one epoch (`recipe.epochs` must be 1)."""
+    seconds: list[float] = []
+    fit(model, data, recipe, callback=lambda report: seconds.append(report.metrics["epoch_time"]), **options)
+    return seconds[0]

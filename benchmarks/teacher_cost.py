@@ -14,40 +14,28 @@ reported separately: every later trial of the sweep reuses it.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
 
 import torch
-from common import environment, generated_cifar, write_json
+from common import environment, fit_epoch_seconds, training_parser, training_setup, write_json
 
 from kd_core.cache import build_cache
 from kd_core.cost import flop_count
 from kd_core.distillers import DISTILLERS
 from kd_core.models import build_model
 from kd_core.recipes import Recipe
-from kd_core.train import fit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--train", type=int, default=2000, help="training images")
-    parser.add_argument("--classes", type=int, default=100)
+    parser = training_parser(__doc__, train=2000, epochs=3)
     parser.add_argument("--teacher", default="resnet32")
     parser.add_argument("--student", default="resnet8")
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs per mode, after one warm-up round")
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--views", type=int, default=4, help="cached augmentation views per image")
     parser.add_argument("--precision", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    data = generated_cifar(args.train, args.classes, held_out=max(args.train // 10, 200)).to(device)
+    device, data = training_setup(args)
     one_epoch_recipe = Recipe(epochs=1, batch_size=args.batch_size, lr=0.05)
     torch.manual_seed(0)
     teacher = build_model(args.teacher, args.classes, 3).to(device).eval()
@@ -59,12 +47,6 @@ def main() -> None:
         torch.manual_seed(1)
         student = build_model(args.student, args.classes, 3)
         return DISTILLERS.get(method)(student, sources, DISTILLERS.get(method).make_params({})).to(device)
-
-    def one_epoch(model: torch.nn.Module, **options) -> float:
-        seconds: list[float] = []
-        fit(model, data, one_epoch_recipe, precision=args.precision, channels_last=args.channels_last,
-            callback=lambda report: seconds.append(report.metrics["epoch_time"]), **options)
-        return seconds[0]
 
     with tempfile.TemporaryDirectory() as root:
         started = time.perf_counter()
@@ -80,7 +62,8 @@ def main() -> None:
         for round_ in range(args.epochs + 1):
             shift = round_ % len(modes)  # each mode goes first in turn
             for name, (model, options) in [*modes.items()][shift:] + [*modes.items()][:shift]:
-                seconds = one_epoch(model, **options)
+                seconds = fit_epoch_seconds(model, data, one_epoch_recipe, precision=args.precision,
+                                            channels_last=args.channels_last, **options)
                 if round_ > 0:  # the first round warms up
                     runs[name].append(seconds)
     median = {name: statistics.median(s) for name, s in runs.items()}

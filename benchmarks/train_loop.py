@@ -13,36 +13,24 @@ epoch wall time (train + val), the median per loop.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
 import torch
 import torch.nn.functional as F
-from common import environment, generated_cifar, write_json
+from common import environment, fit_epoch_seconds, training_parser, training_setup, write_json
 
 from kd_core.distillers import DISTILLERS
 from kd_core.models import build_model
 from kd_core.recipes import Recipe
-from kd_core.train import fit
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--train", type=int, default=3000, help="training images")
-    parser.add_argument("--classes", type=int, default=100)
+    parser = training_parser(__doc__, train=3000, epochs=5)
     parser.add_argument("--model", default="resnet8")
-    parser.add_argument("--epochs", type=int, default=5, help="timed epochs per loop, after one warm-up round")
-    parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--precision", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json")
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    data = generated_cifar(args.train, args.classes, held_out=max(args.train // 10, 200)).to(device)
+    device, data = training_setup(args)
     recipe = Recipe(epochs=1, batch_size=args.batch_size, lr=0.05)
     memory_format = torch.channels_last if args.channels_last and device.type == "cuda" else torch.contiguous_format
     autocast = {"device_type": device.type, "dtype": getattr(torch, args.precision),
@@ -55,10 +43,8 @@ def main() -> None:
     distiller = DISTILLERS.get("ce")(student(), [], DISTILLERS.get("ce").make_params({}))
 
     def fit_epoch(epoch: int) -> float:
-        seconds: list[float] = []
-        fit(distiller, data, recipe, seed=epoch, precision=args.precision, channels_last=args.channels_last,
-            callback=lambda report: seconds.append(report.metrics["epoch_time"]))
-        return seconds[0]
+        return fit_epoch_seconds(distiller, data, recipe, seed=epoch, precision=args.precision,
+                                 channels_last=args.channels_last)
 
     model = student().to(memory_format=memory_format)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)

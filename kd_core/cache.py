@@ -38,9 +38,10 @@ class CacheUnavailableError(ValueError):
 
 def replayable(split: SplitLike) -> bool:
     """Whether `split` is device-resident and its augmentation (if any) can replay stored views."""
-    transform = split.transform if isinstance(split, Split) else None
-    return isinstance(split, Split) and (
-        transform is None or (hasattr(transform, "draw") and hasattr(transform, "apply")))
+    if not isinstance(split, Split):
+        return False
+    transform = split.transform
+    return transform is None or (hasattr(transform, "draw") and hasattr(transform, "apply"))
 
 
 def _exact(split: Split) -> bool:
