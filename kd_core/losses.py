@@ -1,4 +1,4 @@
-"""Pure loss functions with the canonical semantics (METHODS.md section 0).
+"""Pure loss functions with the canonical semantics (docs/spec.md#methods; per-method choices in docs/methods.md).
 
 KD_T(z_s, z_t) = T^2 * KL(softmax(z_t/T) || softmax(z_s/T)), the teacher side detached.
 `batchmean` sums KL over classes and averages over the batch; `mean` averages over every

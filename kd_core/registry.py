@@ -42,3 +42,7 @@ class Registry(Generic[T]):
 
     def names(self) -> list[str]:
         return sorted(self._entries)
+
+    def name_of(self, entry: object) -> str | None:
+        """The name `entry` is registered under (by identity), or None."""
+        return next((name for name, known in self._entries.items() if known is entry), None)

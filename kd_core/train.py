@@ -21,7 +21,7 @@ from torch import nn
 
 from kd_core.cache import SourceLogitCache
 from kd_core.data.base import Dataset, SplitLike
-from kd_core.distillers.base import Distiller
+from kd_core.distillers.base import Distiller, TrainingPosition
 from kd_core.recipes import Recipe
 
 CHECKPOINT_FILE = "train_state.pt"
@@ -85,6 +85,17 @@ def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 Precision = Literal["float32", "bfloat16", "float16"]
 
 
+def weighted_loss(terms: dict[str, torch.Tensor], weights: dict[str, float]) -> torch.Tensor:
+    """sum_t weights[t] * terms[t], a 0-dim tensor. Raises KeyError on a term without a weight
+    (`Distiller.check_terms` reports it first, naming the method)."""
+    return functools.reduce(operator.add, (weights[name] * term for name, term in terms.items()))
+
+
+def steps_per_epoch(split: SplitLike, batch_size: int) -> int:
+    """Training batches per epoch: `batches` keeps the last partial batch."""
+    return math.ceil(len(split) / batch_size)
+
+
 def fit(
     distiller: Distiller,
     data: Dataset,
@@ -104,7 +115,9 @@ def fit(
     and last-epoch models. `resume` is a checkpoint from `load_checkpoint`. With
     `source_cache`, training batches replay the cached views and the distiller reads the
     sources' cached logits instead of running them. `precision` (autocast) and
-    `channels_last` apply on CUDA only; on the CPU training stays float32.
+    `channels_last` apply on CUDA only; on the CPU training stays float32. Every step passes
+    its `TrainingPosition` to `forward_train` and checks the returned term names against the
+    weight fields (raises `ContractError` on a mismatch, naming the method).
     """
     device = next(distiller.parameters()).device
     on_cuda = device.type == "cuda"
@@ -118,6 +131,7 @@ def fit(
     scaler = torch.amp.GradScaler(device.type, enabled=autocast_dtype is torch.float16)
     weights = distiller.weights
     deployable = distiller.deployable()
+    epoch_steps = steps_per_epoch(data.train, recipe.batch_size)
     start_epoch = 0
     best: dict[str, Any] = {"epoch": 0, "val_acc": -1.0, "val_loss": math.inf, "state": None}
 
@@ -145,12 +159,14 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         extra_sums: dict[str, float] = {}
         seen = 0
-        for images, labels, cached in batches:
+        for index, (images, labels, cached) in enumerate(batches):
+            position = TrainingPosition(epoch, (epoch - 1) * epoch_steps + index, epoch_steps, recipe.epochs)
             images = images.contiguous(memory_format=memory_format) if images.dim() == 4 else images
             distiller.cached_source_logits = cached
             with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits, terms = distiller.forward_train(images, labels)
-                loss = functools.reduce(operator.add, (weights.get(name, 0.0) * term for name, term in terms.items()))
+                logits, terms = distiller.forward_train(images, labels, position)
+                distiller.check_terms(terms)  # a term without a weight must fail, not count as 0
+                loss = weighted_loss(terms, weights)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(optimizer)

@@ -1,4 +1,4 @@
-"""LW-KD, its synthetic data and the teacher-free KD baseline (METHODS.md section 7)."""
+"""LW-KD, its synthetic data and the teacher-free KD baseline (docs/methods.md, lwkd and tfkd)."""
 
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ def plan(num_classes: int = 10, seed: int = 0) -> SourcePlan:
                       seed=seed, num_classes=num_classes, input_shape=(1, 8, 8))
 
 
-# Plain-Python reference formulas (METHODS.md section 0).
+# Plain-Python reference formulas (the canonical KD_T of docs/spec.md#methods).
 
 def softmax(row: list[float], T: float = 1.0) -> list[float]:
     exps = [math.exp(v / T) for v in row]

@@ -1,4 +1,5 @@
-"""DGKD, TAKD, SimKD, SOKD, DML: loss terms by hand, gradient flow, stage graphs."""
+"""DGKD, TAKD, SimKD, SOKD, DML: loss terms by hand, gradient flow, stage graphs; every built-in
+method (by the registry): one epoch of fit, TorchScript export."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from kd_core.distillers.dgkd import DGKDParams, keep_mask
 from kd_core.models import build_model
 from kd_core.recipes import build_recipe
 from kd_core.stages import SourcePlan, StageSpec
+from kd_core.testing import build_distiller
 
 RECIPE = build_recipe("digits", {"epochs": 1}).as_dict()
 DATA = {"name": "digits", "seed": 0, "val_fraction": 0.15, "test_fraction": 0.2}
@@ -250,22 +252,29 @@ def test_dml_terms_by_hand_and_both_networks_learn(batch) -> None:
     assert any(p.grad is not None for p in distiller.student.parameters())
 
 
-@pytest.mark.parametrize("method", ["dgkd", "takd", "simkd", "sokd", "dml"])
+# Every method: by the registry, never a list of names --------------------------------------
+
+# The methods kd_core defines (plugins registered by other test modules are checked in
+# test_contract.py); user methods are those swept on their own, not internal stages.
+BUILT_IN = [name for name in DISTILLERS.names() if DISTILLERS.get(name).__module__.startswith("kd_core.")]
+USER_METHODS = [name for name in BUILT_IN if not DISTILLERS.get(name).internal_stage]
+
+
+def test_the_registry_holds_every_built_in_method() -> None:
+    assert {"ce", "kd", "takd", "dgkd", "simkd", "sokd", "sftn", "sftn_teacher", "lwkd", "tfkd", "dml"} <= set(BUILT_IN)
+    assert "sftn_teacher" not in USER_METHODS
+
+
+@pytest.mark.parametrize("method", BUILT_IN)
 def test_one_epoch_of_fit_logs_every_term(method, digits) -> None:
     from kd_core.train import fit
 
-    cls = DISTILLERS.get(method)
-    params = cls.make_params({"num_assistants": 0} if method in ("dgkd", "takd") else {})
-    sources = [] if method == "dml" else [build_model("convnet", 10, 1, {"width": 8})]
-    distiller = cls(build_model("convnet", 10, 1, {"width": 4}), sources, params)
+    distiller = build_distiller(method)  # default params, convnet sources from its source_stages
     reports = []
     fit(distiller, digits, build_recipe("digits", {"epochs": 1}), callback=reports.append)
     logged = {k.removeprefix("train_loss_") for k in reports[0].metrics if k.startswith("train_loss_")}
-    assert set(params.weights()) <= logged
+    assert set(distiller.weights) == logged
     assert all(torch.isfinite(torch.tensor(v)) for v in reports[0].metrics.values())
-
-
-USER_METHODS = ["ce", "kd", "takd", "dgkd", "simkd", "sokd", "sftn", "lwkd", "tfkd", "dml"]
 
 
 @pytest.mark.parametrize("method", USER_METHODS)
@@ -273,15 +282,7 @@ def test_every_method_deploys_as_torchscript(method, tmp_path) -> None:
     """The deployable of each method traces, saves, reloads and predicts like the original."""
     import warnings
 
-    cls = DISTILLERS.get(method)
-    params = cls.make_params({"num_assistants": 1} if method in ("dgkd", "takd") else {})
-    sources = []
-    for stage in cls.source_stages(params, plan()):
-        torch.manual_seed(len(sources))
-        sources.append(build_model(stage.arch["name"], 10, 1, stage.arch["args"]))
-    torch.manual_seed(0)
-    distiller = cls(build_model("convnet", 10, 1, {"width": 4}), sources, params)
-    deploy = distiller.deployable().eval()
+    deploy = build_distiller(method).deployable().eval()
     images = torch.randn(3, 1, 8, 8)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)

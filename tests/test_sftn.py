@@ -68,7 +68,7 @@ def test_stage1_terms_by_hand(batch) -> None:
     distiller = stage1({"tau": 2.0}).double()
     distiller.train()
     logits, terms = distiller.forward_train(images, labels)
-    assert set(terms) == {"t_ce", "r_ce", "r_kl"}
+    assert set(terms) == {"t_ce", "r_ce", "r_kl"} == set(distiller.weights)
     # Recompute with the distiller's own modules (train-mode BN uses batch statistics: same result).
     teacher = distiller.student
     with torch.no_grad():
@@ -157,6 +157,9 @@ def test_source_stages() -> None:
     cls = DISTILLERS.get("sftn")
     (stage,) = cls.source_stages(cls.make_params(), plan())
     teacher = plan().teacher
+    # stage1_w_* map onto the stage-1 weight fields, named after its terms.
+    assert {k: stage.method["params"][k] for k in ("w_t_ce", "w_r_ce", "w_r_kl")} == \
+        {"w_t_ce": 1.0, "w_r_ce": 1.0, "w_r_kl": 3.0}
     assert stage.role == "sftn_teacher" and stage.arch == TEACHER_ARCH and stage.parents == ()
     assert stage.method["name"] == "sftn_teacher"
     assert stage.method["params"]["student_arch"] == STUDENT_ARCH
@@ -171,7 +174,7 @@ def test_source_stages() -> None:
     fixed = {"stage1_w_rkl": 1.0}
     a = cls.source_stages(cls.make_params({"T": 2.0, "w_kd": 0.5, **fixed}), plan(fixed))[0]
     b = cls.source_stages(cls.make_params({"T": 8.0, "w_kd": 0.9, "stage1_w_rkl": 5.0}), plan(fixed))[0]
-    assert a.key == b.key and a.method["params"]["w_rkl"] == 1.0
+    assert a.key == b.key and a.method["params"]["w_r_kl"] == 1.0
     c = cls.source_stages(cls.make_params(fixed), plan({"stage1_w_rkl": 2.0}))[0]
     d = cls.source_stages(cls.make_params(), plan({"stage1_tau": 4.0}))[0]
     assert len({a.key, c.key, d.key, stage.key, tuned.key}) == 5
@@ -196,3 +199,22 @@ def test_one_epoch_of_stage1_fit_logs_every_term(digits) -> None:
     assert {"train_loss_t_ce", "train_loss_r_ce", "train_loss_r_kl"} <= set(metrics)
     assert all(math.isfinite(v) for v in metrics.values())
     build_model(TEACHER_ARCH["name"], 10, 1, TEACHER_ARCH["args"]).load_state_dict(result.best_state)
+
+
+def test_stage1_fit_trains_the_teacher_on_the_weighted_terms(digits) -> None:
+    """Every stage-1 term is weighted. They once were not (terms t_ce, r_ce, r_kl against
+    weights w_t, w_rce, w_rkl): the teacher trained on a zero loss and never changed."""
+    from kd_core.train import fit
+
+    distiller = stage1()
+    before = {name: p.detach().clone() for name, p in distiller.student.named_parameters()}
+    reports = []
+    # No weight decay: only the loss's gradient can move the weights.
+    fit(distiller, digits, build_recipe("digits", {"epochs": 2, "weight_decay": 0.0}), callback=reports.append)
+    first, second = (report.metrics for report in reports)
+    weighted = first["train_loss_t_ce"] + first["train_loss_r_ce"] + 3.0 * first["train_loss_r_kl"]
+    assert first["train_loss"] == pytest.approx(weighted, rel=1e-5) and first["train_loss"] > 0
+    assert second["train_loss"] < first["train_loss"]
+    unchanged = [name for name, p in distiller.student.named_parameters() if torch.equal(p, before[name])]
+    assert unchanged == []
+    assert second["val_acc"] > 0.5  # chance is 0.1

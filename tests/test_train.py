@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import math
 import pickle
 
 import pytest
 import torch
 
-from kd_core.distillers import DISTILLERS, Distiller
+from kd_core.distillers import DISTILLERS, START, Distiller, TrainingPosition
+from kd_core.distillers.ce import CEDistiller
 from kd_core.models import build_model
 from kd_core.recipes import build_recipe
 from kd_core.train import EpochReport, NonFiniteLossError, fit, load_checkpoint
@@ -63,7 +65,7 @@ def test_checkpoints_load_without_unpickling_objects(tmp_path) -> None:
 
 
 class NaNDistiller(Distiller):
-    def forward_train(self, images, labels):
+    def forward_train(self, images, labels, position=START):
         logits = self.student(images)
         return logits, {"ce": logits.sum() * float("nan")}
 
@@ -82,3 +84,54 @@ def test_recipe_errors_name_the_field() -> None:
         build_recipe("digits", {"epoch": 3})
     with pytest.raises(ValueError, match="unknown recipe 'fast'"):
         build_recipe("fast")
+
+
+class Recording(CEDistiller):
+    """CE that records the position of every step."""
+
+    def __init__(self, *args) -> None:
+        super().__init__(*args)
+        self.positions: list[TrainingPosition] = []
+
+    def forward_train(self, images, labels, position=START):
+        self.positions.append(position)
+        return super().forward_train(images, labels, position)
+
+
+def recording(seed: int = 0) -> Recording:
+    torch.manual_seed(seed)
+    return Recording(build_model("convnet", 10, 1, {"width": 4}), [], DISTILLERS.get("ce").make_params())
+
+
+def test_fit_passes_the_training_position_on_every_step(digits, tmp_path) -> None:
+    recipe = build_recipe("digits", {"epochs": 3})
+    steps = math.ceil(len(digits.train) / recipe.batch_size)  # the last partial batch counts
+    distiller = recording()
+
+    def stop_after_two(report: EpochReport) -> None:
+        if report.epoch == 2:
+            report.save(tmp_path)
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(distiller, digits, recipe, callback=stop_after_two)
+    positions = distiller.positions
+    assert [p.step for p in positions] == list(range(2 * steps))  # one position per optimizer step
+    assert [p.epoch for p in positions] == [1] * steps + [2] * steps
+    assert {(p.steps_per_epoch, p.epochs, p.total_steps) for p in positions} == {(steps, 3, 3 * steps)}
+    assert positions[0] == TrainingPosition(epoch=1, step=0, steps_per_epoch=steps, epochs=3)
+    assert positions[0].progress == 0.0
+    assert [p.progress for p in positions] == sorted(p.progress for p in positions)
+    # A resumed run carries on from the checkpoint's epoch, not from step 0.
+    resumed = recording(seed=1)
+    fit(resumed, digits, recipe, resume=load_checkpoint(tmp_path))
+    assert [p.step for p in resumed.positions] == list(range(2 * steps, 3 * steps))
+    assert {p.epoch for p in resumed.positions} == {3}
+    assert resumed.positions[-1].progress == pytest.approx(1 - 1 / (3 * steps))
+
+
+def test_training_position_validates_and_defaults() -> None:
+    assert START == TrainingPosition(epoch=1, step=0, steps_per_epoch=1, epochs=1)
+    assert TrainingPosition(epoch=2, step=15, steps_per_epoch=10, epochs=3).progress == 0.5
+    with pytest.raises(ValueError, match="invalid training position"):
+        TrainingPosition(epoch=0, step=0, steps_per_epoch=1, epochs=1)

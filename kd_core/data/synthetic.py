@@ -1,6 +1,6 @@
 """Synthetic shapes: one rendered visual class per class index, generated here (no downloads).
 
-LW-KD's lightweight teacher trains on these (METHODS.md section 7). Class c is a fixed
+LW-KD's lightweight teacher trains on these (docs/methods.md, lwkd). Class c is a fixed
 composition of simple shapes (discs, rings, rectangles, bars) whose kinds, positions, sizes,
 orientations and colours come from a generator seeded by c alone, so a class looks the same
 for every seed and every class count. The seed drives only the per-sample affine jitter

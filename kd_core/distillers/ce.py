@@ -6,7 +6,7 @@ import dataclasses
 
 import torch
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 
@@ -21,7 +21,7 @@ class CEDistiller(Distiller):
     Params = CEParams
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         return logits, {"ce": cross_entropy(logits, labels)}

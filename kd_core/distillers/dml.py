@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from kd_core.distillers.base import Distiller, SoftTargetParams
+from kd_core.distillers.base import START, Distiller, SoftTargetParams, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
@@ -46,7 +46,7 @@ class DMLDistiller(Distiller):
         return [self.student, self.peer]
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p = self.params
         logits, peer_logits = self.student(images), self.peer(images)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kd_core.distillers.base import Distiller, MethodParams, SoftTargetParams
+from kd_core.distillers.base import START, Distiller, MethodParams, SoftTargetParams, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
@@ -34,7 +34,7 @@ class KDDistiller(Distiller):
         return [plan.require_teacher()]
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         (teacher_logits,) = self.source_logits(images)
         logits = self.student(images)

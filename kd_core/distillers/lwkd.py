@@ -1,4 +1,4 @@
-"""LW-KD: learning from a lightweight teacher (Liu et al., 2020), as METHODS.md section 7 designs it.
+"""LW-KD: learning from a lightweight teacher (Liu et al., 2020), as docs/methods.md (lwkd) describes it.
 
 Only the abstract is public. A small CNN (the lightweight teacher, its own CE stage) is trained
 on synthetic shapes with as many classes as the target data. Its logits on `bank_size`
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd_core.data.synthetic import DEFAULT_TEST_FRACTION, DEFAULT_VAL_FRACTION, synthetic_images
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
 from kd_core.distillers.kd import KDParams
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
@@ -119,7 +119,7 @@ class LWKDDistiller(Distiller):
         return self.bank[labels, entries]
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.bank is None:
             self.build_bank(images.shape[1:])

@@ -7,7 +7,7 @@ the teacher learns outputs the student can follow. Stage 2 ("sftn") drops the br
 distills a fresh student from the frozen SFTN teacher with vanilla KD.
 
 No official code was found: the stage-1 weights, tau, the epochs and from-scratch vs
-fine-tune are options (METHODS.md section 6).
+fine-tune are options (docs/methods.md, sftn).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
 from kd_core.distillers.kd import KDDistiller, KDParams
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import KL_REDUCTIONS, cross_entropy, kd_loss
@@ -34,9 +34,10 @@ from kd_core.stages import SourcePlan, StageSpec
 @dataclasses.dataclass
 class SFTNTeacherParams(MethodParams):
     student_arch: dict[str, Any] = dataclasses.field(default_factory=dict)  # {"name": ..., "args": {...}}
-    w_t: float = 1.0  # CE of the teacher
-    w_rce: float = 1.0  # sum of the branches' CE
-    w_rkl: float = 3.0  # sum of the branches' KL to the teacher (not detached)
+    # One field per term of forward_train (stage 2's stage1_w_t / _rce / _rkl map onto them).
+    w_t_ce: float = 1.0  # CE of the teacher
+    w_r_ce: float = 1.0  # sum of the branches' CE
+    w_r_kl: float = 3.0  # sum of the branches' KL to the teacher (not detached)
     tau: float = 1.0
     kl_reduction: str = "batchmean"
     finetune: bool = False  # start from the parent (a trained CE teacher) instead of scratch
@@ -77,6 +78,7 @@ class SFTNTeacherDistiller(Distiller):
 
     Params = SFTNTeacherParams
     frozen_sources = False  # the model that is distilled from (the teacher) is being trained
+    internal_stage = True  # built by SFTNDistiller.source_stages only
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: SFTNTeacherParams) -> None:
         super().__init__(student, sources, params)
@@ -101,7 +103,7 @@ class SFTNTeacherDistiller(Distiller):
         return [self.student, self.branches]
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, teacher = self.params, self.student
         features = teacher.stage_outputs(images)
@@ -155,8 +157,8 @@ class SFTNDistiller(KDDistiller):
         # a trial's sampled ones: trials that search T/w_kd share one SFTN teacher.
         fixed = type(params)(**plan.fixed_params_of(type(params)))
         stage1 = SFTNTeacherParams(
-            student_arch=plan.student_arch, w_t=float(fixed.stage1_w_t), w_rce=float(fixed.stage1_w_rce),
-            w_rkl=float(fixed.stage1_w_rkl), tau=float(fixed.stage1_tau), finetune=bool(fixed.finetune),
+            student_arch=plan.student_arch, w_t_ce=float(fixed.stage1_w_t), w_r_ce=float(fixed.stage1_w_rce),
+            w_r_kl=float(fixed.stage1_w_rkl), tau=float(fixed.stage1_tau), finetune=bool(fixed.finetune),
         )
         epochs = fixed.stage1_epochs or teacher.recipe["epochs"]
         return [plan.stage(

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.distillers.base import Distiller, MethodParams
+from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 from kd_core.models.base import StagedModel
@@ -107,7 +107,7 @@ class SimKDDistiller(Distiller):
         return [self.deploy.encoder, self.projector]  # the student's own head stays unused
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher = self.sources[0]
         with torch.no_grad():

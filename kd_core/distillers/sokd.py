@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_core.distillers.base import Distiller, MethodParams, SoftTargetParams
+from kd_core.distillers.base import START, Distiller, MethodParams, SoftTargetParams, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
@@ -99,7 +99,7 @@ class SOKDDistiller(Distiller):
         return self
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         p, teacher = self.params, self.sources[0]
         with torch.no_grad():

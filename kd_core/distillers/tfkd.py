@@ -1,4 +1,4 @@
-"""Teacher-free KD (Yuan et al., CVPR 2020), the baseline LW-KD is compared with (METHODS.md section 7).
+"""Teacher-free KD (Yuan et al., CVPR 2020), the baseline LW-KD is compared with (docs/methods.md, tfkd and lwkd).
 
 A virtual teacher replaces the trained one: for a sample of class y it is the fixed
 distribution q with mass a on y and (1 - a) / (C - 1) on every other class. Its log serves as
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from kd_core.distillers.base import Distiller
+from kd_core.distillers.base import START, Distiller, TrainingPosition
 from kd_core.distillers.kd import KDParams
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
@@ -53,7 +53,7 @@ class TFKDDistiller(Distiller):
         )
 
     def forward_train(
-        self, images: torch.Tensor, labels: torch.Tensor
+        self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         logits = self.student(images)
         p = self.params

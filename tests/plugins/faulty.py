@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from kd_core.distillers import DISTILLERS, MethodParams
+from kd_core.distillers import DISTILLERS, START, MethodParams, TrainingPosition
 from kd_core.distillers.ce import CEDistiller
 from kd_core.models import StagedModel
 
@@ -43,8 +43,8 @@ class _Counting(CEDistiller):
 class NaNAfter(_Counting):
     """CE, then a NaN loss."""
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
-        logits, terms = super().forward_train(images, labels)
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START):
+        logits, terms = super().forward_train(images, labels, position)
         if self.failing_now():
             terms["ce"] = terms["ce"] * float("nan")
         return logits, terms
@@ -54,7 +54,7 @@ class NaNAfter(_Counting):
 class RaiseAfter(_Counting):
     """CE, then an exception (once only when a marker is given: a flaky failure)."""
 
-    def forward_train(self, images: torch.Tensor, labels: torch.Tensor):
+    def forward_train(self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START):
         if self.failing_now():
             raise RuntimeError("injected failure")
-        return super().forward_train(images, labels)
+        return super().forward_train(images, labels, position)
