@@ -21,10 +21,12 @@ from typing import Any
 
 from rich.console import Console
 
-from sweeps.pipeline import SweepContext, retrain
-from sweeps.runner import init_ray, run_sweep
+from cluster.session import init_ray
+from sweeps.confirm import retrain
+from sweeps.pipeline import SweepContext
+from sweeps.runner import WORKER_ENV, run_sweep
 from sweeps.spec import SweepSpec, load_spec
-from sweeps.tracking import Tracker, resolve_tracking_uri
+from sweeps.tracking import resolve_tracking_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,18 +65,17 @@ def main() -> None:
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
     uri = resolve_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
-    tracker = Tracker(uri)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    init_ray(None)
+    init_ray(None, env_vars=WORKER_ENV)
     rows: list[dict[str, Any]] = []
     for method in methods:
         one = method_spec(spec, method, args.trials)
         started = time.monotonic()
         outcome = run_sweep(one, name=f"{one.name}-{stamp}", storage=workdir / "storage",
                             tracking_uri=uri, console=console)
-        context = SweepContext(outcome.name, one.model_dump(mode="json"), str(workdir / "storage"), uri,
-                               outcome.parent_run_id)
-        accuracies = [retrain(one, outcome.best_plan, seed, context, tracker)["test_acc"] for seed in range(args.seeds)]
+        context = SweepContext(outcome.name, one, str(workdir / "storage"), uri, outcome.parent_run_id)
+        accuracies = [retrain(context, outcome.best.trial_id, outcome.best.sampled, seed)["test_acc"]
+                      for seed in range(args.seeds)]
         rows.append({
             "method": method, "best_config": outcome.best.sampled, "val_acc": outcome.best.metrics["val_acc_best"],
             "test_acc_mean": statistics.mean(accuracies),

@@ -24,7 +24,8 @@ import ray
 import yaml
 from common import ROOT, environment, write_json
 
-from sweeps.runner import init_ray, run_sweep
+from cluster.session import init_ray
+from sweeps.runner import WORKER_ENV, run_sweep
 from sweeps.spec import SweepSpec
 from sweeps.tracking import Tracker
 
@@ -75,7 +76,7 @@ def main() -> None:
     parser.add_argument("--json")
     args = parser.parse_args()
     base = yaml.safe_load(Path(args.spec).read_text())
-    init_ray(None)  # one Ray for every sweep
+    init_ray(None, env_vars=WORKER_ENV)  # one Ray for every sweep
     rows = []
     with tempfile.TemporaryDirectory() as work:
         tracker = Tracker(f"sqlite:///{work}/mlflow.db")

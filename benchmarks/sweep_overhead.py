@@ -26,7 +26,8 @@ from typing import Any
 import ray
 from common import environment, write_json
 
-from sweeps.runner import init_ray, run_sweep
+from cluster.session import init_ray
+from sweeps.runner import WORKER_ENV, run_sweep
 from sweeps.spec import SweepSpec
 
 SPEC: dict[str, Any] = {
@@ -46,18 +47,16 @@ SPEC: dict[str, Any] = {
 
 def direct_fit(spec_data: dict[str, Any], sampled: dict[str, Any], storage: str, tracking_uri: str) -> float:
     """One trial's configuration trained directly with `fit`; returns its wall seconds."""
-    import torch
-
     from kd_core.train import fit
-    from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources
+    from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources, worker_setup
     from sweeps.space import resolve_trial
     from sweeps.tracking import Tracker
 
     spec = SweepSpec.model_validate(spec_data)
-    torch.set_num_threads(int(spec.sweep.cpus_per_trial))
+    worker_setup(spec, spec.sweep.cpus_per_trial)
     started = time.perf_counter()
     plan = resolve_trial(spec, sampled)
-    context = SweepContext("direct", spec_data, storage, tracking_uri, "")
+    context = SweepContext("direct", spec, storage, tracking_uri, "")
     data = load_dataset(spec.data.model_dump())
     sources = trial_sources(spec, plan, data, context, Tracker(tracking_uri), "cpu")  # from the stage store
     distiller = build_distiller(plan, data, spec.sweep.seed, sources, "cpu")
@@ -85,7 +84,7 @@ def main() -> None:
     spec = SweepSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as work:
         uri, storage = f"sqlite:///{work}/mlflow.db", Path(work) / "storage"
-        init_ray(None, num_cpus=args.concurrent)
+        init_ray(None, num_cpus=args.concurrent, env_vars=WORKER_ENV)
         warm = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"num_trials": 1})})
         run_sweep(warm, name="warm-up", storage=storage, tracking_uri=uri)
         outcome = run_sweep(spec, name="measured", storage=storage, tracking_uri=uri)

@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.local import STATE_FILE, Cluster, ClusterError, auth_headers
+from cluster.addresses import LOOPBACK_IP
+from cluster.processes import ClusterError, auth_headers
+from cluster.state import STATE_FILE, Cluster
 
 JOB_SPEC = "kdsweep_job_spec.yaml"  # the spec's name inside the job's working_dir
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -64,7 +66,7 @@ def token_for(cluster: Cluster | None) -> str | None:
 
 def check_address(address: str) -> str:
     if not address.startswith(("http://", "https://")):
-        raise ClusterError(f"--address {address!r}: use the Ray dashboard URL, e.g. http://127.0.0.2:8265")
+        raise ClusterError(f"--address {address!r}: use the Ray dashboard URL, e.g. http://{LOOPBACK_IP}:8265")
     return address.rstrip("/")
 
 
@@ -126,11 +128,12 @@ def submit(
     storage: str,
     tracking_uri: str,
     project: Path,
-    spec_name: str,
+    metadata: dict[str, str],
     num_trials: int | None = None,
     max_concurrent: int | None = None,
 ) -> str:
-    """Submit the sweep as a job whose submission id is the sweep name; returns it."""
+    """Submit the sweep as a job whose submission id is the sweep name; returns it. `metadata`
+    labels the job (the sweep and spec names)."""
     project = project.resolve()
     with tempfile.TemporaryDirectory(prefix="kdsweep-job-") as tmp:
         work = Path(tmp) / "project"
@@ -144,7 +147,7 @@ def submit(
                     "MLFLOW_TRACKING_URI": tracking_uri,
                     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",  # job logs are not a terminal
                 }},
-                metadata={"kdsweep.sweep": name, "kdsweep.spec": spec_name},
+                metadata=metadata,
             )
         except RuntimeError as error:  # e.g. a job with this id exists, or the upload failed
             raise ClusterError(f"the cluster refused job {name!r}: {str(error).strip().splitlines()[-1]}") from None

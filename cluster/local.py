@@ -13,196 +13,47 @@ Linux only: processes are found through /proc.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import random
 import secrets
 import shutil
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_DIR = Path("kdsweep_cluster")
-STATE_FILE = "cluster.json"
-TOKEN_FILE = "auth_token"
-HEAD_IP = "127.0.0.2"
-MLFLOW_HOST = "127.0.0.1"
+from cluster.addresses import LOOPBACK_IP, MLFLOW_HOST, node_ip
+from cluster.processes import (
+    ClusterError,
+    port_block,
+    port_free,
+    process_stat,
+    send_signal,
+    session_members,
+    spawn,
+    wait_for,
+    wait_gone,
+)
+from cluster.state import (
+    CLUSTER_ID_ENV,
+    DEFAULT_DIR,
+    STATE_FILE,
+    TOKEN_FILE,
+    Cluster,
+    Node,
+    cluster_processes,
+    list_nodes,
+)
+
+HEAD_IP = LOOPBACK_IP
 DEFAULT_DASHBOARD_PORT = 8265
-CLUSTER_ID_ENV = "KDSWEEP_CLUSTER_ID"  # marks every process of one cluster, descendants included
 WORKER_PORTS = 40  # per node: one port per Ray worker process
 NODE_PORTS = ("node_manager", "object_manager", "dashboard_agent_listen", "dashboard_agent_grpc",
               "metrics_export", "runtime_env_agent")
 HEAD_PORTS = ("gcs", "dashboard", "client_server", "autoscaler_metrics", "dashboard_metrics", "mlflow")
-PORT_RANGE = (20000, 32000)  # below Linux's ephemeral range, so outgoing connections do not take them
 OBJECT_STORE_BYTES = 128 * 2**20
-
-
-class ClusterError(RuntimeError):
-    """A cluster the user named is absent, unreachable or could not start (one line for the CLI)."""
-
-
-@dataclass
-class Node:
-    role: str  # "head" or "worker"
-    ip: str
-    pid: int  # the `ray start --block` process, leader of the node's session
-    ports: dict[str, int]
-    log: str
-
-
-@dataclass
-class Cluster:
-    directory: str
-    cluster_id: str
-    gcs_address: str  # what `ray start --address` and `ray.init(address=...)` take
-    dashboard_url: str  # the Jobs API: `kdsweep submit --address`
-    tracking_uri: str  # the MLflow server every trial logs to
-    storage: str  # one path every node reaches
-    token_file: str
-    ray_temp: str  # Ray's session files, one sub-directory per node (short: socket paths)
-    mlflow_pid: int = 0
-    nodes: list[Node] = field(default_factory=list)
-
-    @property
-    def token(self) -> str:
-        return Path(self.token_file).read_text().strip()
-
-    def save(self) -> None:
-        path = Path(self.directory) / STATE_FILE
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
-
-    @classmethod
-    def load(cls, directory: Path) -> Cluster:
-        path = directory / STATE_FILE
-        if not path.is_file():
-            raise ClusterError(f"no cluster started in {directory} (start one with `kdsweep cluster up`)")
-        data = json.loads(path.read_text())
-        data["nodes"] = [Node(**n) for n in data["nodes"]]
-        return cls(**data)
-
-
-# --- processes -------------------------------------------------------------------------------
-
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(session id, start time) of a live process, None if it is gone or a zombie."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = text[text.rindex(")") + 2:].split()  # after "pid (comm) "
-    if fields[0] == "Z":
-        return None
-    return int(fields[3]), int(fields[19])
-
-
-def _has_marker(pid: int, marker: bytes) -> bool:
-    try:
-        return marker in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def cluster_processes(cluster: Cluster) -> list[int]:
-    """Live processes of this cluster: in a session `up` created, or carrying its id in their
-    environment (Ray puts job drivers in sessions of their own)."""
-    sessions = {n.pid for n in cluster.nodes} | ({cluster.mlflow_pid} if cluster.mlflow_pid else set())
-    marker = f"{CLUSTER_ID_ENV}={cluster.cluster_id}".encode()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        pid = int(entry.name)
-        stat = _stat(pid)
-        if stat is not None and (stat[0] in sessions or _has_marker(pid, marker)):
-            found.append(pid)
-    return found
-
-
-def _session_members(leader: int) -> list[int]:
-    members = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            stat = _stat(int(entry.name))
-            if stat is not None and stat[0] == leader:
-                members.append(int(entry.name))
-    return members
-
-
-def _signal(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.kill(pid, sig)
-
-
-def _wait_gone(probe: Any, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    while (left := probe()) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return left
-
-
-# --- ports and readiness ---------------------------------------------------------------------
-
-def _port_free(port: int) -> bool:
-    """No socket listens on `port`. Ray's gRPC servers listen on every interface, so the
-    wildcard address is probed (bind only); SO_REUSEADDR ignores closed connections in
-    TIME_WAIT, as the servers themselves do."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("", port))
-        except OSError:
-            return False
-    return True
-
-
-def _port_block(size: int, attempts: int = 200) -> int:
-    """The first port of `size` consecutive free ports in PORT_RANGE."""
-    for _ in range(attempts):
-        base = random.randrange(PORT_RANGE[0], PORT_RANGE[1] - size)
-        if all(_port_free(p) for p in range(base, base + size)):
-            return base
-    raise ClusterError(f"no block of {size} free ports between {PORT_RANGE[0]} and {PORT_RANGE[1]}")
-
-
-def auth_headers(token: str | None) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"} if token else {}
-
-
-def http_json(url: str, token: str | None = None, timeout: float = 10) -> Any:
-    request = urllib.request.Request(url, headers=auth_headers(token))
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        return json.load(response)
-
-
-def _wait_for(what: str, ready: Any, timeout: float, log: str, alive: Any) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if ready():
-                return
-        except (OSError, ValueError, KeyError):
-            pass
-        if not alive():
-            raise ClusterError(f"{what} exited while starting; see {log}")
-        if time.monotonic() > deadline:
-            raise ClusterError(f"{what} not ready after {timeout:.0f}s; see {log}")
-        time.sleep(1)
-
-
-def list_nodes(cluster: Cluster, timeout: float = 10) -> list[dict[str, Any]]:
-    """Ray's view of the nodes (state API through the dashboard): ip, state, resources."""
-    reply = http_json(f"{cluster.dashboard_url}/api/v0/nodes?detail=1&limit=1000", cluster.token, timeout)
-    return reply["data"]["result"]["result"]
 
 
 def _alive_ips(cluster: Cluster) -> set[str]:
@@ -215,13 +66,6 @@ def _mlflow_ready(uri: str) -> bool:
 
 
 # --- up / down -------------------------------------------------------------------------------
-
-def _spawn(command: list[str], env: dict[str, str], log: Path) -> int:
-    with log.open("ab") as out:
-        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    return process.pid
-
 
 def _node_command(node: Node, cluster: Cluster, num_cpus: int, head_ports: dict[str, int]) -> list[str]:
     p = node.ports
@@ -267,7 +111,7 @@ def up(
             raise ClusterError(f"a cluster is already running from {directory} "
                                f"(dashboard {existing.dashboard_url}); `kdsweep cluster down` first")
         _forget(existing)
-    if dashboard_port and not _port_free(dashboard_port):
+    if dashboard_port and not port_free(dashboard_port):
         raise ClusterError(f"dashboard port {dashboard_port} is taken; choose another with --dashboard-port")
     (directory / "logs").mkdir(parents=True, exist_ok=True)
     (directory / ".gitignore").write_text("*\n")  # state, token, stores: never committed
@@ -279,7 +123,7 @@ def up(
     token_file.write_text(secrets.token_hex(32))
 
     per_node = len(NODE_PORTS) + WORKER_PORTS
-    base = _port_block(len(HEAD_PORTS) + (workers + 1) * per_node)
+    base = port_block(len(HEAD_PORTS) + (workers + 1) * per_node)
     head_ports = dict(zip(HEAD_PORTS, range(base, base + len(HEAD_PORTS)), strict=True))
     if dashboard_port:  # 0: any free port
         head_ports["dashboard"] = dashboard_port
@@ -307,7 +151,7 @@ def up(
     try:
         store = backend_store_uri or f"sqlite:///{directory / 'mlflow.db'}"
         mlflow_log = directory / "logs" / "mlflow.log"
-        cluster.mlflow_pid = _spawn(
+        cluster.mlflow_pid = spawn(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
              "--artifacts-destination", str(directory / "mlartifacts"),
              "--host", MLFLOW_HOST, "--port", str(head_ports["mlflow"]), "--workers", "1"],
@@ -319,20 +163,20 @@ def up(
             first = offset + index * per_node
             ports = dict(zip(NODE_PORTS, range(first, first + len(NODE_PORTS)), strict=True))
             ports.update(min_worker=first + len(NODE_PORTS), max_worker=first + per_node - 1)
-            ip = f"127.0.0.{2 + index}"
+            ip = node_ip(index)
             log = directory / "logs" / f"node-{ip}.log"
             node = Node("head" if index == 0 else "worker", ip, 0, ports, str(log))
-            node.pid = _spawn(_node_command(node, cluster, num_cpus, head_ports), env, log)
+            node.pid = spawn(_node_command(node, cluster, num_cpus, head_ports), env, log)
             cluster.nodes.append(node)
             cluster.save()
             if index == 0:  # workers join a head that answers
-                _wait_for("the Ray head", lambda: HEAD_IP in _alive_ips(cluster), timeout, node.log,
-                          lambda: _stat(cluster.nodes[0].pid) is not None)
+                wait_for("the Ray head", lambda: HEAD_IP in _alive_ips(cluster), timeout, node.log,
+                          lambda: process_stat(cluster.nodes[0].pid) is not None)
         expected = {n.ip for n in cluster.nodes}
-        _wait_for(f"{workers} Ray worker nodes", lambda: expected <= _alive_ips(cluster), timeout,
-                  str(directory / "logs"), lambda: all(_stat(n.pid) is not None for n in cluster.nodes))
-        _wait_for("the MLflow server", lambda: _mlflow_ready(cluster.tracking_uri), timeout, str(mlflow_log),
-                  lambda: _stat(cluster.mlflow_pid) is not None)
+        wait_for(f"{workers} Ray worker nodes", lambda: expected <= _alive_ips(cluster), timeout,
+                  str(directory / "logs"), lambda: all(process_stat(n.pid) is not None for n in cluster.nodes))
+        wait_for("the MLflow server", lambda: _mlflow_ready(cluster.tracking_uri), timeout, str(mlflow_log),
+                  lambda: process_stat(cluster.mlflow_pid) is not None)
     except BaseException:
         down(directory, quiet=True)
         raise
@@ -367,20 +211,20 @@ def down(directory: Path = DEFAULT_DIR, *, timeout: float = 60, quiet: bool = Fa
         raise
     running = cluster_processes(cluster)
     node_sessions = {n.pid for n in cluster.nodes} | {cluster.mlflow_pid}
-    strays = [pid for pid in running if (_stat(pid) or (0, 0))[0] not in node_sessions]
-    _signal(strays, signal.SIGTERM)
-    _wait_gone(lambda: [p for p in strays if _stat(p) is not None], min(timeout, 20))
+    strays = [pid for pid in running if (process_stat(pid) or (0, 0))[0] not in node_sessions]
+    send_signal(strays, signal.SIGTERM)
+    wait_gone(lambda: [p for p in strays if process_stat(p) is not None], min(timeout, 20))
     workers = [n.pid for n in reversed(cluster.nodes) if n.role == "worker"]
     head = [n.pid for n in cluster.nodes if n.role == "head"]
     deadline = time.monotonic() + timeout
     for group in (workers, head, [cluster.mlflow_pid]):
-        _signal([pid for pid in group if pid in running], signal.SIGTERM)
-        _wait_gone(lambda group=group: [p for leader in group for p in _session_members(leader)],
+        send_signal([pid for pid in group if pid in running], signal.SIGTERM)
+        wait_gone(lambda group=group: [p for leader in group for p in session_members(leader)],
                    max(0.0, deadline - time.monotonic()))
     left = cluster_processes(cluster)
     if left:
-        _signal(left, signal.SIGKILL)
-        left = _wait_gone(lambda: cluster_processes(cluster), 15)
+        send_signal(left, signal.SIGKILL)
+        left = wait_gone(lambda: cluster_processes(cluster), 15)
     if left:
         raise ClusterError(f"processes {left} of the cluster in {directory} did not stop")
     _forget(cluster)
@@ -393,9 +237,9 @@ def kill_node(directory: Path, ip: str) -> list[int]:
     node = next((n for n in cluster.nodes if n.ip == ip), None)
     if node is None or node.role != "worker":
         raise ClusterError(f"no worker node {ip} in {directory}")
-    members = _session_members(node.pid)
-    _signal(members, signal.SIGKILL)
-    if _wait_gone(lambda: _session_members(node.pid), 15):
+    members = session_members(node.pid)
+    send_signal(members, signal.SIGKILL)
+    if wait_gone(lambda: session_members(node.pid), 15):
         raise ClusterError(f"node {ip} did not die")
     return members
 
@@ -424,15 +268,4 @@ def status(directory: Path = DEFAULT_DIR) -> dict[str, Any]:
     report["nodes"] = nodes
     return report
 
-
-def find_local(address: str | None, directory: Path = DEFAULT_DIR) -> Cluster | None:
-    """The loopback cluster in `directory` if one is recorded there and `address` (if given)
-    is its dashboard; else None."""
-    try:
-        cluster = Cluster.load(directory.resolve())
-    except ClusterError:
-        return None
-    if address is not None and address.rstrip("/") not in (cluster.dashboard_url, cluster.gcs_address):
-        return None
-    return cluster
 

@@ -11,17 +11,16 @@ from rich.console import Console
 from rich.live import Live
 from rich.text import Text
 
-from sweeps.tracking import TAG_TRIAL, Tracker
+from sweeps import tags
+from sweeps.tracking import Tracker, end_status
+
+TRIAL_ERRORED = "trial raised an error (see the Tune trial's error file)"
 
 
 def trial_outcome(trial: Trial, epochs: int, errored: bool) -> tuple[str, str | None]:
-    """(MLflow status, reason) for a trial that Tune has ended."""
-    if errored:
-        return "FAILED", "trial raised an error (see the Tune trial's error file)"
-    done = (trial.last_result or {}).get("training_iteration", 0)
-    if done < epochs:
-        return "KILLED", f"stopped early by the scheduler after {done} of {epochs} epochs"
-    return "FINISHED", None
+    """(MLflow status, reason) for a trial that Tune has ended (`end_status` of its epochs)."""
+    done = int((trial.last_result or {}).get("training_iteration", 0))
+    return end_status(done, epochs, TRIAL_ERRORED if errored else None)
 
 
 class CloseTrialRuns(Callback):
@@ -44,9 +43,9 @@ class CloseTrialRuns(Callback):
     def _close(self, trial: Trial, errored: bool) -> None:
         status, reason = trial_outcome(trial, self.epochs, errored)
         tracker = self.tracker
-        for run in tracker.children(self.parent_run_id, "trial"):
-            if run.data.tags.get(TAG_TRIAL) == trial.trial_id:
-                tracker.finish_if_running(run.info.run_id, status, reason)
+        run = tracker.child_by_key(self.parent_run_id, "trial", tags.TRIAL_ID, trial.trial_id)
+        if run is not None:
+            tracker.finish_if_running(run.info.run_id, status, reason)
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._close(trial, errored=False)

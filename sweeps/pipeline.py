@@ -1,15 +1,16 @@
-"""Stage pipelines: a method's frozen sources come from the stage store; a missing stage is
-trained once (under the store's lock), after its own parents, as a tracked MLflow run.
+"""What a worker process does before and around training: set itself up, load data, get a
+method's frozen sources from the stage store (a missing stage is trained once, under the
+store's lock, after its own parents, as a tracked MLflow run) and build the distiller.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 from kd_core.cache import SourceLogitCache, build_cache, replayable
@@ -19,10 +20,11 @@ from kd_core.models import StagedModel, build_model
 from kd_core.recipes import Recipe
 from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, fit
+from sweeps import tags
 from sweeps.sources import source_plan, source_stages
-from sweeps.space import TrialPlan, resolve_trial
-from sweeps.spec import SweepSettings, SweepSpec
-from sweeps.tracking import TAG_STAGE, Tracker
+from sweeps.space import TrialPlan
+from sweeps.spec import SweepSpec, load_plugins
+from sweeps.tracking import Tracker, child_run
 
 CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store
 _datasets: dict[tuple[str, str], Dataset] = {}  # per process: a reused actor loads data once
@@ -32,10 +34,13 @@ _caches: dict[tuple[str, ...], SourceLogitCache] = {}
 
 @dataclass(frozen=True)
 class SweepContext:
-    """What every trial of a sweep needs besides its sampled values (small, picklable)."""
+    """What every trial of a sweep needs besides its sampled values (small, picklable).
+
+    `spec` is validated once, by the driver; workers use it as it is (`worker_setup`).
+    """
 
     name: str
-    spec: dict[str, Any]
+    spec: SweepSpec
     storage: str
     tracking_uri: str
     parent_run_id: str
@@ -48,6 +53,13 @@ class Source:
     stage: StageSpec
     record: StageRecord
     model: StagedModel
+
+
+def worker_setup(spec: SweepSpec, cpus: float | None) -> None:
+    """What every process that trains does first: import the spec's plugins and give torch
+    one thread per CPU it was given (`cpus`; None: every CPU of the machine)."""
+    load_plugins(spec.plugins)
+    torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
 
 
 def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:
@@ -83,15 +95,15 @@ def recipe_params(recipe: Recipe) -> dict[str, Any]:
 
 
 def lineage_tags(sources: list[Source]) -> dict[str, str]:
-    """`kdsweep.<role>_run_id` / `_stage_key` per source (assistants numbered from 1)."""
-    tags, counts = {}, {}
+    """Run id and stage key tags per source (`tags.lineage`; assistants numbered from 1)."""
+    lineage, counts = {}, {}
     for source in sources:
         role = source.stage.role
         counts[role] = counts.get(role, 0) + 1
-        label = role if role != "assistant" else f"assistant_{counts[role]}"
-        tags[f"kdsweep.{label}_stage_key"] = source.record.key
-        tags[f"kdsweep.{label}_run_id"] = source.record.run_id or ""
-    return tags
+        run_tag, key_tag = tags.lineage(role if role != "assistant" else f"assistant_{counts[role]}")
+        lineage[key_tag] = source.record.key
+        lineage[run_tag] = source.record.run_id or ""
+    return lineage
 
 
 def fit_options(
@@ -99,7 +111,7 @@ def fit_options(
 ) -> dict[str, Any]:
     """`fit`'s keyword arguments from the sweep settings: precision, memory format and, where
     the method allows it, the teacher-output cache in the sweep's storage."""
-    settings = SweepSettings.model_validate(context.spec["sweep"])
+    settings = context.spec.sweep
     cache, use_cache = settings.teacher_cache, None
     if cache.enabled and sources and distiller.can_cache_sources() and replayable(data.train):
         data_key = json.dumps(data_spec, sort_keys=True)
@@ -119,37 +131,26 @@ def train_stage(
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
     params = method.make_params(stage.method.get("params", {}))
-    run_id = tracker.open_child(
-        context.parent_run_id, stage.role, TAG_STAGE, stage.key, f"{stage.role}-{stage.key[:8]}",
+    with child_run(
+        tracker, context.parent_run_id, role=stage.role, key_tag=tags.STAGE_KEY, key=stage.key,
+        name=f"{stage.role}-{stage.key[:8]}", epochs=recipe.epochs,
         params={"method": stage.method["name"], **vars(params), **arch_params("arch", stage.arch),
-                **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed,
-                "stage_key": stage.key},
-        tags=lineage_tags(sources),
-    )
-    status, reason = "FAILED", None
-    try:
+                **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed, "stage_key": stage.key},
+        run_tags=lineage_tags(sources),
+    ) as run:
         data = load_dataset(stage.data, device)
         model = new_model(stage.arch, data, stage.seed)
         distiller = method(model, [s.model for s in sources], params).to(device)
 
-        logged = tracker.last_step(run_id)  # > 0 when retraining after a crash
-
         def log(report: EpochReport) -> None:
-            if report.epoch > logged:
-                tracker.log_metrics(run_id, report.metrics, report.epoch)
+            run.log_epoch(report.epoch, report.metrics)
 
         result = fit(distiller, data, recipe, seed=stage.seed, callback=log,
                      **fit_options(context, distiller, sources, data, stage.data))
-        status = "FINISHED"
         return TrainedStage(
             result.best_state, data.num_classes, data.in_channels,
-            metrics=result.metrics, info={"run_id": run_id, "best_epoch": result.best_epoch},
+            metrics=result.metrics, info={"run_id": run.run_id, "best_epoch": result.best_epoch},
         )
-    except Exception as error:
-        reason = f"{type(error).__name__}: {error}"
-        raise
-    finally:
-        tracker.finish(run_id, status, reason)
 
 
 def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu") -> Source:
@@ -184,26 +185,5 @@ def build_distiller(plan: TrialPlan, data: Dataset, seed: int, sources: list[Sou
 
 def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
     """`resolve_stage` for a Ray task: returns only the (picklable) record."""
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
+    worker_setup(context.spec, context.spec.sweep.cpus_per_trial)
     return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record
-
-
-def retrain(
-    spec: SweepSpec, plan: TrialPlan, seed: int, context: SweepContext, tracker: Tracker, device: str = "cpu"
-) -> dict[str, float]:
-    """Train a trial's configuration again with another seed (student initialisation and
-    shuffling; the frozen sources stay the stored ones). Returns the final metrics: the test
-    metrics are those of the best-val epoch."""
-    data = load_dataset(spec.data.model_dump(), device)
-    sources = trial_sources(spec, plan, data, context, tracker, device)
-    distiller = build_distiller(plan, data, seed, sources, device)
-    options = fit_options(context, distiller, sources, data, spec.data.model_dump())
-    return fit(distiller, data, plan.recipe, seed=seed, **options).metrics
-
-
-def retrain_task(spec_data: dict[str, Any], sampled: dict[str, Any], seed: int, context: SweepContext,
-                 device: str) -> dict[str, float]:
-    """`retrain` for a Ray task (the spec travels as plain data)."""
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1))))
-    spec = SweepSpec.model_validate(spec_data)
-    return retrain(spec, resolve_trial(spec, sampled), seed, context, Tracker(context.tracking_uri), device)

@@ -13,7 +13,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import optuna  # noqa: E402
 import plotly.graph_objects as go  # noqa: E402
 
-from sweeps.tracking import TAG_TRIAL, Tracker  # noqa: E402
+from sweeps import tags  # noqa: E402
+from sweeps.tracking import Tracker  # noqa: E402
 
 
 def _save(name: str, figure: go.Figure, directory: Path) -> list[str]:
@@ -88,7 +89,7 @@ def learning_curves(tracker: Tracker, parent_run_id: str) -> go.Figure | None:
         points = sorted(tracker.client.get_metric_history(run.info.run_id, "val_acc"), key=lambda m: m.step)
         if points:
             traces.append(go.Scatter(x=[m.step for m in points], y=[m.value for m in points], mode="lines",
-                                     name=run.data.tags.get(TAG_TRIAL, run.info.run_id)))
+                                     name=run.data.tags.get(tags.TRIAL_ID, run.info.run_id)))
     if not traces:
         return None
     return go.Figure(traces, layout={"title": "Learning curves", "xaxis_title": "epoch", "yaxis_title": "val_acc"})

@@ -11,7 +11,7 @@ from kd_core.recipes import Recipe
 from kd_core.stages import SourcePlan, StageSpec
 
 if TYPE_CHECKING:
-    from sweeps.spec import ArchSpec, SweepSpec
+    from sweeps.spec.schema import ArchSpec, SweepSpec
 
 DEFAULT_ASSISTANTS = 3
 

@@ -1,15 +1,17 @@
-"""MLflow tracking: one parent run per sweep, one child run per trial or stage.
+"""MLflow tracking: one parent run per sweep, one child run per trial, stage or re-training.
 
 Runs are addressed by explicit ids through `MlflowClient` (no global active run), so the
-same code works in trial processes and the driver. Every run ends with a terminal status;
-the driver reconciles any child a crash or an early stop left RUNNING.
+same code works in trial processes and the driver. `child_run` owns a child run's life (open
+or reopen, log each epoch once, end with a status and reason); `end_status` is the one rule
+for that status, used by the driver too when it closes runs a stopped or dead process left.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,13 +19,9 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-TAG_SWEEP = "kdsweep.sweep"  # the sweep name, on every run of a sweep
-TAG_SPEC = "kdsweep.spec"  # the spec name, on the parent run
-TAG_ROLE = "kdsweep.role"  # sweep | trial | teacher | baseline
-TAG_TRIAL = "kdsweep.trial_id"
-TAG_STAGE = "kdsweep.stage_key"
-TAG_STORAGE = "kdsweep.storage"
-TAG_REASON = "kdsweep.end_reason"
+from kd_core.train import NonFiniteLossError
+from sweeps import tags
+
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 BATCH = 100  # MLflow's limit of params per log_batch call
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -70,18 +68,18 @@ class Tracker:
         if not ids:
             return []
         runs = self.client.search_runs(
-            ids, f"tags.`{TAG_ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"],
+            ids, f"tags.`{tags.ROLE}` = 'sweep'", order_by=["attributes.start_time DESC"],
             max_results=1000,
         )
         if name is None:
             return list(runs)
-        exact = [r for r in runs if r.data.tags.get(TAG_SWEEP) == name]
-        return exact or [r for r in runs if r.data.tags.get(TAG_SPEC) == name]
+        exact = [r for r in runs if r.data.tags.get(tags.SWEEP) == name]
+        return exact or [r for r in runs if r.data.tags.get(tags.SPEC) == name]
 
-    def start_sweep(self, experiment_id: str, name: str, tags: dict[str, str]) -> str:
+    def start_sweep(self, experiment_id: str, name: str, run_tags: dict[str, str]) -> str:
         run = self.client.create_run(
             experiment_id, run_name=name,
-            tags={TAG_ROLE: "sweep", TAG_SWEEP: name, **tags},
+            tags={tags.ROLE: "sweep", tags.SWEEP: name, **run_tags},
         )
         return run.info.run_id
 
@@ -89,7 +87,7 @@ class Tracker:
         parent = self.client.get_run(parent_run_id)
         query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
         if role:
-            query += f" and tags.`{TAG_ROLE}` = '{role}'"
+            query += f" and tags.`{tags.ROLE}` = '{role}'"
         runs: list[Run] = []
         token = None
         while True:
@@ -101,26 +99,31 @@ class Tracker:
             if not token:
                 return runs
 
+    def child_by_key(self, parent_run_id: str, role: str, key_tag: str, key: str) -> Run | None:
+        """The child run of `role` whose tag `key_tag` is `key`, if any."""
+        found = [r for r in self.children(parent_run_id, role) if r.data.tags.get(key_tag) == key]
+        return found[0] if found else None
+
     def open_child(
         self, parent_run_id: str, role: str, key_tag: str, key: str, name: str,
-        params: dict[str, Any], tags: dict[str, str],
+        params: dict[str, Any], run_tags: dict[str, str],
     ) -> str:
         """Create the child run identified by (`key_tag`, `key`), or reopen it after a restart
-        (its `tags` then updated: a retried trial may run on another node)."""
-        parent = self.client.get_run(parent_run_id)
-        existing = [r for r in self.children(parent_run_id, role) if r.data.tags.get(key_tag) == key]
-        if existing:  # a retried or resumed trial, or a stage retrained after a crash
-            run_id = existing[0].info.run_id
+        (its `run_tags` then updated: a retried trial may run on another node)."""
+        existing = self.child_by_key(parent_run_id, role, key_tag, key)
+        if existing is not None:  # a retried or resumed trial, or a stage retrained after a crash
+            run_id = existing.info.run_id
             self.client.update_run(run_id, status="RUNNING")
-            if TAG_REASON in existing[0].data.tags:
-                self.client.delete_tag(run_id, TAG_REASON)
-            if tags:
-                self.set_tags(run_id, tags)
+            if tags.END_REASON in existing.data.tags:
+                self.client.delete_tag(run_id, tags.END_REASON)
+            if run_tags:
+                self.set_tags(run_id, run_tags)
             return run_id
+        parent = self.client.get_run(parent_run_id)
         run = self.client.create_run(
             parent.info.experiment_id, run_name=name,
-            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, TAG_ROLE: role, key_tag: key,
-                  TAG_SWEEP: parent.data.tags.get(TAG_SWEEP, ""), **tags},
+            tags={MLFLOW_PARENT_RUN_ID: parent_run_id, tags.ROLE: role, key_tag: key,
+                  tags.SWEEP: parent.data.tags.get(tags.SWEEP, ""), **run_tags},
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
@@ -140,14 +143,14 @@ class Tracker:
             run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
 
-    def set_tags(self, run_id: str, tags: dict[str, str]) -> None:
-        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+    def set_tags(self, run_id: str, run_tags: dict[str, str]) -> None:
+        self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
         if reason:
-            self.set_tags(run_id, {TAG_REASON: reason[:5000]})
+            self.set_tags(run_id, {tags.END_REASON: reason[:5000]})
         self.client.set_terminated(run_id, status=status)
 
     def finish_if_running(self, run_id: str, status: str, reason: str | None = None) -> bool:
@@ -158,3 +161,61 @@ class Tracker:
 
     def running_children(self, parent_run_id: str) -> Iterable[Run]:
         return [r for r in self.children(parent_run_id) if r.info.status == "RUNNING"]
+
+
+def end_status(epochs_done: int, epochs: int, error: BaseException | str | None = None) -> tuple[str, str | None]:
+    """(MLflow status, reason) of a run that ended after `epochs_done` of `epochs` epochs.
+
+    `error` is what ended it: an exception in the run's own process, a description from
+    the driver (Tune reported the trial errored), or None when it simply ended. SystemExit is
+    how Tune stops a trial (ASHA, and every trial at max_t): FINISHED if every epoch ran.
+    """
+    if isinstance(error, KeyboardInterrupt):
+        return "KILLED", "interrupted"
+    if isinstance(error, NonFiniteLossError):
+        return "FAILED", f"non-finite loss: {error}"
+    if isinstance(error, str):
+        return "FAILED", error
+    if isinstance(error, BaseException) and not isinstance(error, SystemExit):
+        return "FAILED", f"{type(error).__name__}: {error}"
+    if epochs_done >= epochs:
+        return "FINISHED", None
+    return "KILLED", f"stopped early by the scheduler after {epochs_done} of {epochs} epochs"
+
+
+class TrackedRun:
+    """A child run while it is open: epochs are logged once each, even when a retried or
+    resumed run trains some of them again."""
+
+    def __init__(self, tracker: Tracker, run_id: str) -> None:
+        self.tracker, self.run_id = tracker, run_id
+        self.epochs_done = tracker.last_step(run_id)  # > 0 after a retry or resume
+
+    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        if epoch > self.epochs_done:
+            self.tracker.log_metrics(self.run_id, metrics, epoch)
+            self.epochs_done = epoch
+
+    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
+        self.tracker.log_metrics(self.run_id, metrics, step)
+
+    def set_tags(self, run_tags: dict[str, str]) -> None:
+        self.tracker.set_tags(self.run_id, run_tags)
+
+
+@contextmanager
+def child_run(
+    tracker: Tracker, parent_run_id: str, *, role: str, key_tag: str, key: str, name: str, epochs: int,
+    params: dict[str, Any], run_tags: dict[str, str] | None = None,
+) -> Iterator[TrackedRun]:
+    """Open (or reopen) a child run; on leaving, end it with `end_status` of what happened.
+
+    Raises whatever the body raised, after the run has its terminal status and reason.
+    """
+    run = TrackedRun(tracker, tracker.open_child(parent_run_id, role, key_tag, key, name, params, run_tags or {}))
+    try:
+        yield run
+    except BaseException as error:
+        tracker.finish(run.run_id, *end_status(run.epochs_done, epochs, error))
+        raise
+    tracker.finish(run.run_id, "FINISHED")

@@ -11,10 +11,19 @@ from pathlib import Path
 import pytest
 import yaml
 
-from sweeps.tracking import TAG_ROLE, Tracker
+from kd_core.distillers import DISTILLERS
+from sweeps import tags
+from sweeps.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
-METHODS = ["ce", "kd", "takd", "dgkd", "simkd", "sokd", "sftn", "lwkd", "tfkd", "dml"]
+# Every method kdsweep ships that is swept on its own (by the registry, never a list of names).
+METHODS = [name for name in DISTILLERS.names()
+           if DISTILLERS.get(name).__module__.startswith("kd_core.") and not DISTILLERS.get(name).internal_stage]
+
+
+def test_the_all_methods_spec_offers_every_method() -> None:
+    spec = yaml.safe_load((ROOT / "sweeps/specs/digits_all_methods.yaml").read_text())
+    assert sorted(spec["search"]["method.name"]["choices"]) == sorted(METHODS)
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +50,7 @@ def sweep(tmp_path_factory) -> dict:
 
 
 def test_every_method_ran_and_ended_cleanly(sweep) -> None:
-    trials = [r for r in sweep["children"] if r.data.tags[TAG_ROLE] == "trial"]
+    trials = [r for r in sweep["children"] if r.data.tags[tags.ROLE] == "trial"]
     assert sorted(r.data.params["method"] for r in trials) == sorted(METHODS)
     assert all(r.info.status in ("FINISHED", "KILLED") for r in sweep["children"])
     assert sweep["parent"].info.status == "FINISHED"
@@ -49,7 +58,7 @@ def test_every_method_ran_and_ended_cleanly(sweep) -> None:
 
 
 def test_each_derived_stage_trained_once(sweep) -> None:
-    roles = sorted(r.data.tags[TAG_ROLE] for r in sweep["children"] if r.data.tags[TAG_ROLE] != "trial")
+    roles = sorted(r.data.tags[tags.ROLE] for r in sweep["children"] if r.data.tags[tags.ROLE] != "trial")
     # teacher; 2 DGKD + 2 TAKD assistants; the SFTN teacher; LW-KD's teacher; the CE baseline
     assert roles == ["assistant"] * 4 + ["baseline", "lw_teacher", "sftn_teacher", "teacher"]
     keys = [r.data.tags["kdsweep.stage_key"] for r in sweep["children"] if "kdsweep.stage_key" in r.data.tags]
@@ -57,7 +66,7 @@ def test_each_derived_stage_trained_once(sweep) -> None:
 
 
 def test_lineage_of_assistant_methods(sweep) -> None:
-    by_method = {r.data.params["method"]: r for r in sweep["children"] if r.data.tags[TAG_ROLE] == "trial"}
+    by_method = {r.data.params["method"]: r for r in sweep["children"] if r.data.tags[tags.ROLE] == "trial"}
     dgkd, takd = by_method["dgkd"].data.tags, by_method["takd"].data.tags
     assert {"kdsweep.teacher_run_id", "kdsweep.assistant_1_run_id", "kdsweep.assistant_2_run_id"} <= set(dgkd)
     # TAKD learns from its immediate parent only: the last assistant, whose own parent is A1.

@@ -145,7 +145,7 @@ def test_trials_use_the_cache_only_where_the_method_and_spec_allow(tmp_path: Pat
 
     def options(method: str, enabled: bool = True) -> dict:
         spec = SweepSpec.model_validate({**spec_dict, "sweep": {"teacher_cache": {"enabled": enabled}}})
-        context = SweepContext("s", spec.model_dump(mode="json"), str(tmp_path), "sqlite:///unused.db", "p")
+        context = SweepContext("s", spec, str(tmp_path), "sqlite:///unused.db", "p")
         student = build_model("convnet", 10, 1, {"width": 4, "depth": 1})
         distiller = DISTILLERS.get(method)(student, [source_model], DISTILLERS.get(method).make_params({}))
         return fit_options(context, distiller, sources, digits, spec.data.model_dump())

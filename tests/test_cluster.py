@@ -23,9 +23,11 @@ import yaml
 from click.testing import Result
 from typer.testing import CliRunner
 
-from cluster import jobs, local
+from cluster import jobs, local, processes
+from cluster import state as cluster_state
+from sweeps import tags
 from sweeps.cli import app
-from sweeps.tracking import TAG_STORAGE, Tracker
+from sweeps.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 WORKERS = ("127.0.0.3", "127.0.0.4")
@@ -74,7 +76,7 @@ def cluster(tmp_path_factory):
         done = kdsweep("cluster", "up", "--workers", str(len(WORKERS)), "--dir", str(directory),
                        "--dashboard-port", "0", "--timeout", "240", cwd=work, timeout=300)
         assert done.returncode == 0, output(done)
-        state = local.Cluster.load(directory)
+        state = cluster_state.Cluster.load(directory)
         yield SimpleNamespace(work=work, dir=directory, state=state, tracker=Tracker(state.tracking_uri),
                               client=jobs.connect(state.dashboard_url, state.token))
     finally:
@@ -94,7 +96,7 @@ def empty_dir(tmp_path, monkeypatch) -> Path:
 
 
 def free_port() -> int:
-    return local._port_block(1)
+    return processes.port_block(1)
 
 
 @pytest.mark.parametrize(("args", "message"), [
@@ -159,7 +161,7 @@ def test_submitted_sweep_runs_on_several_nodes_and_logs_to_the_server(cluster) -
     tracker = cluster.tracker
     (parent,) = tracker.find_sweeps("spread")
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[TAG_STORAGE] == cluster.state.storage  # the path every node reaches
+    assert parent.data.tags[tags.STORAGE] == cluster.state.storage  # the path every node reaches
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     trials = tracker.children(parent.info.run_id, "trial")
     assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}
@@ -236,8 +238,8 @@ def test_sweep_survives_a_worker_node_dying(cluster) -> None:
     assert dead["process"] == "gone" and dead["state"] == "DEAD"
 
 
-def _job_driver(state: local.Cluster) -> int | None:
-    for pid in local.cluster_processes(state):
+def _job_driver(state: cluster_state.Cluster) -> int | None:
+    for pid in cluster_state.cluster_processes(state):
         try:
             if b"sweeps.cli\0run" in Path(f"/proc/{pid}/cmdline").read_bytes():
                 return pid
@@ -259,19 +261,19 @@ def test_cluster_down_stops_exactly_its_own_processes(cluster) -> None:
         time.sleep(1)
     bystander = subprocess.Popen(["sleep", "300"], start_new_session=True)  # not the cluster's
     try:
-        before = local.cluster_processes(cluster.state)
+        before = cluster_state.cluster_processes(cluster.state)
         assert driver in before and len(before) > 10
 
         done = kdsweep("cluster", "down", "--dir", str(cluster.dir), cwd=cluster.work, timeout=120)
         assert done.returncode == 0, output(done)
-        assert local.cluster_processes(cluster.state) == []
-        assert [pid for pid in before if local._stat(pid) is not None] == []
+        assert cluster_state.cluster_processes(cluster.state) == []
+        assert [pid for pid in before if processes.process_stat(pid) is not None] == []
         assert bystander.poll() is None  # untouched
         ports = [int(cluster.state.gcs_address.rsplit(":", 1)[1]),
                  int(cluster.state.dashboard_url.rsplit(":", 1)[1]),
                  int(cluster.state.tracking_uri.rsplit(":", 1)[1])]
-        assert all(local._port_free(p) for p in ports)
-        assert not (cluster.dir / local.STATE_FILE).exists()
+        assert all(processes.port_free(p) for p in ports)
+        assert not (cluster.dir / cluster_state.STATE_FILE).exists()
         assert not Path(cluster.state.ray_temp).exists()
         assert (cluster.dir / "mlflow.db").exists()  # the runs stay
 

@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 from kd_core.data import DATASETS
 from kd_core.stages import StageStore
 from kd_core.train import evaluate
-from sweeps.tracking import TAG_ROLE, TAG_SWEEP, Tracker
+from sweeps import tags
+from sweeps.tracking import Tracker
 
 NAME = "e2e"
 EPOCHS = 4
@@ -71,18 +72,24 @@ def sweep(tmp_path_factory) -> dict:
 def test_parent_and_children_have_terminal_statuses(sweep) -> None:
     tracker, parent = sweep["tracker"], sweep["parent"]
     assert parent.info.status == "FINISHED"
-    assert parent.data.tags[TAG_SWEEP] == NAME
+    assert parent.data.tags[tags.SWEEP] == NAME
     children = tracker.children(parent.info.run_id)
-    trials = [r for r in children if r.data.tags[TAG_ROLE] == "trial"]
+    trials = [r for r in children if r.data.tags[tags.ROLE] == "trial"]
     assert len(trials) == TRIALS
-    assert {r.data.tags[TAG_ROLE] for r in children} == {"trial", "teacher", "baseline"}
+    assert {r.data.tags[tags.ROLE] for r in children} == {"trial", "teacher", "baseline", "confirm"}
     assert all(r.info.status in ("FINISHED", "KILLED") for r in children)
+    # Confirmation re-trainings are runs too: top 2 x 2 seeds, each tied to its trial, every epoch.
+    confirms = [r for r in children if r.data.tags[tags.ROLE] == "confirm"]
+    assert len(confirms) == 4 and all(r.info.status == "FINISHED" for r in confirms)
+    assert {r.data.tags[tags.TRIAL_ID] for r in confirms} <= {r.data.tags[tags.TRIAL_ID] for r in trials}
+    assert {r.data.params["seed"] for r in confirms} == {"1", "2"}
+    assert all(len(tracker.client.get_metric_history(r.info.run_id, "val_acc")) == EPOCHS for r in confirms)
     for run in trials:
         epochs = len(tracker.client.get_metric_history(run.info.run_id, "val_acc"))
         # ASHA-stopped trials are KILLED with a reason; complete ones FINISHED.
         assert (run.info.status == "FINISHED") == (epochs == EPOCHS)
         if run.info.status == "KILLED":
-            assert "stopped early" in run.data.tags["kdsweep.end_reason"]
+            assert "stopped early" in run.data.tags[tags.END_REASON]
 
 
 def test_each_trial_has_params_and_one_point_per_epoch(sweep) -> None:
@@ -234,7 +241,7 @@ def test_ui_serves_the_sweep_on_loopback(sweep) -> None:
                 assert server.poll() is None, "the UI process exited"
                 assert time.monotonic() < deadline, "the UI did not answer within 90 s"
                 time.sleep(1)
-        assert {"key": TAG_SWEEP, "value": NAME} in run["data"]["tags"]
+        assert {"key": tags.SWEEP, "value": NAME} in run["data"]["tags"]
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import yaml
 
-from sweeps.tracking import TAG_REASON, Tracker
+from sweeps import tags
+from sweeps.tracking import Tracker
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,10 +49,10 @@ def test_failed_trials_are_recorded_and_the_sweep_finishes(tmp_path) -> None:
     assert len(trials) == 4  # retried trials reopen their run
     by_kind = {(r.data.params["method"], r.data.params.get("marker", "")): r for r in trials}
     nan, broken = by_kind[("test_nan", "")], by_kind[("test_raise", "")]
-    assert nan.info.status == "FAILED" and "non-finite loss" in nan.data.tags[TAG_REASON]
-    assert broken.info.status == "FAILED" and "RuntimeError: injected failure" in broken.data.tags[TAG_REASON]
+    assert nan.info.status == "FAILED" and "non-finite loss" in nan.data.tags[tags.END_REASON]
+    assert broken.info.status == "FAILED" and "RuntimeError: injected failure" in broken.data.tags[tags.END_REASON]
     recovered = by_kind[("test_raise", flaky)]
-    assert recovered.info.status == "FINISHED" and TAG_REASON not in recovered.data.tags
+    assert recovered.info.status == "FINISHED" and tags.END_REASON not in recovered.data.tags
     steps = [m.step for m in tracker.client.get_metric_history(recovered.info.run_id, "val_acc")]
     assert steps == [1, 2, 3]  # resumed from the epoch-1 checkpoint, no step logged twice
     assert by_kind[("kd", "")].info.status == "FINISHED"

@@ -10,7 +10,7 @@ import sys
 
 import yaml
 
-from sweeps.runner import TrialSummary, pareto_front
+from sweeps.results import TrialSummary, pareto_front
 from sweeps.tracking import Tracker
 
 

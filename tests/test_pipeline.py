@@ -22,7 +22,7 @@ def sweep(tmp_path, spec_dict):
     spec = parse_spec(spec_dict)
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracker.start_sweep(tracker.experiment_id("pipeline"), "pipeline", {})
-    context = SweepContext("pipeline", spec.model_dump(mode="json"), str(tmp_path), tracker.uri, parent)
+    context = SweepContext("pipeline", spec, str(tmp_path), tracker.uri, parent)
     return spec, tracker, context
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import optuna
 
+from sweeps import tags
 from sweeps.plots import log_sweep_plots
-from sweeps.tracking import TAG_TRIAL, Tracker
+from sweeps.tracking import Tracker
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -14,7 +15,7 @@ def store(tmp_path) -> tuple[Tracker, str]:
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = tracker.start_sweep(tracker.experiment_id("plots"), "plots", {})
     for trial_id in ("t1", "t2"):
-        run = tracker.open_child(parent, "trial", TAG_TRIAL, trial_id, trial_id, {}, {})
+        run = tracker.open_child(parent, "trial", tags.TRIAL_ID, trial_id, trial_id, {}, {})
         for epoch in (1, 2, 3):
             tracker.log_metrics(run, {"val_acc": 0.5 + 0.1 * epoch}, epoch)
     return tracker, parent

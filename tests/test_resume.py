@@ -12,7 +12,8 @@ from collections import Counter
 import optuna
 import yaml
 
-from sweeps.tracking import TAG_REASON, TAG_TRIAL, Tracker
+from sweeps import tags
+from sweeps.tracking import Tracker
 
 TRIALS, EPOCHS = 6, 6
 
@@ -59,7 +60,7 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
 
     # A trial that finished just before the crash may not be in Tune's last snapshot: it is then
     # restored from its final checkpoint and reopened, but trains no epoch again.
-    before = {r.data.tags[TAG_TRIAL]: history(r.info.run_id)
+    before = {r.data.tags[tags.TRIAL_ID]: history(r.info.run_id)
               for r in tracker.children(parent_id, "trial") if r.info.status == "FINISHED"}
 
     done = subprocess.run([*command, "resume", "resume"], cwd=tmp_path, env=env, capture_output=True,
@@ -69,15 +70,15 @@ def test_resume_after_the_driver_is_killed(tmp_path) -> None:
     parent = tracker.client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and len(tracker.find_sweeps("resume")) == 1
     trials = tracker.children(parent_id, "trial")
-    ids = Counter(r.data.tags[TAG_TRIAL] for r in trials)
+    ids = Counter(r.data.tags[tags.TRIAL_ID] for r in trials)
     assert max(ids.values()) == 1  # no duplicate run for any trial
-    live = [r for r in trials if "orphaned" not in r.data.tags.get(TAG_REASON, "")]
+    live = [r for r in trials if "orphaned" not in r.data.tags.get(tags.END_REASON, "")]
     assert len(live) == TRIALS and all(r.info.status == "FINISHED" for r in live)
     assert all(r.info.status != "RUNNING" for r in tracker.children(parent_id))
     for run in trials:  # no metric step logged twice
         steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == sorted(set(steps))
-    after = {r.data.tags[TAG_TRIAL]: history(r.info.run_id) for r in trials}
+    after = {r.data.tags[tags.TRIAL_ID]: history(r.info.run_id) for r in trials}
     for trial_id, record in before.items():  # completed trials were not re-run: not one epoch again
         assert after[trial_id] == record and [step for step, _, _ in record] == list(range(1, EPOCHS + 1))
     assert parent.data.metrics["trials_finished"] == TRIALS

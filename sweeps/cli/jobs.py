@@ -1,0 +1,113 @@
+"""`kdsweep submit` and `kdsweep status --job`: sweeps as Ray jobs on a cluster."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cluster import jobs, state
+from sweeps import tags
+from sweeps.cli.app import (
+    DEFAULT_CLUSTER_DIR,
+    ClusterDir,
+    JobAddress,
+    MaxConcurrent,
+    NotFoundError,
+    NumTrials,
+    app,
+    err,
+    out,
+    user_errors,
+    with_overrides,
+)
+from sweeps.cli.render import print_job, print_log_chunk
+from sweeps.spec import SpecError, load_spec
+
+
+def job_client(address: str | None, cluster_dir: Path) -> Any:
+    """A Jobs API client for `address`, or for the loopback cluster when none is given."""
+    found = state.find_local(address, cluster_dir)
+    if address is None:
+        if found is None:
+            raise state.ClusterError(f"no --address given and no cluster recorded in {cluster_dir}: pass "
+                                     "--address http://HOST:8265 or start one with `kdsweep cluster up`")
+        address = found.dashboard_url
+    return jobs.connect(address, jobs.token_for(found))
+
+
+def job_status(job_id: str, address: str | None, follow: bool, cluster_dir: Path) -> None:
+    """Print a job's status (after streaming its logs with `follow`); exit 1 if a followed job failed."""
+    client = job_client(address, cluster_dir)
+    try:
+        final = jobs.follow(client, job_id, print_log_chunk) if follow else jobs.status(client, job_id)
+    except jobs.JobNotFoundError as error:
+        raise NotFoundError(str(error)) from None
+    print_job(final)
+    if follow and final.status != "SUCCEEDED":
+        raise typer.Exit(1)
+
+
+@app.command()
+@user_errors
+def submit(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="Sweep spec (YAML).")],
+    address: JobAddress = None,
+    tracking_uri: Annotated[str | None, typer.Option(
+        "--tracking-uri", help="MLflow tracking server every node reaches [default: $MLFLOW_TRACKING_URI, "
+                               "else the loopback cluster's server].")] = None,
+    storage: Annotated[str | None, typer.Option(
+        help="Storage root as every node sees it: a shared filesystem path "
+             "[default: the loopback cluster's storage].")] = None,
+    name: Annotated[str | None, typer.Option(
+        help="Sweep name, also the Ray job id [default: SPEC-NAME-TIMESTAMP].")] = None,
+    num_trials: NumTrials = None,
+    max_concurrent: MaxConcurrent = None,
+    wait: Annotated[bool, typer.Option(
+        "--wait/--no-wait", help="Stream the job's logs until it ends (exit 1 unless it succeeds).")] = True,
+    working_dir: Annotated[Path, typer.Option(
+        help="Project directory shipped with the job (plugins, local modules); "
+             "environments, stores and caches are left out.")] = Path("."),
+    cluster_dir: ClusterDir = DEFAULT_CLUSTER_DIR,
+) -> None:
+    """Run a sweep as a Ray job on a cluster: `kdsweep run` on the head, trials on every node."""
+    spec = with_overrides(load_spec(spec_path), name, num_trials, max_concurrent)  # applied on the cluster
+    if not working_dir.is_dir():
+        raise SpecError(f"--working-dir {working_dir}: not a directory")
+    if address is not None:
+        jobs.check_address(address)
+    found = state.find_local(address, cluster_dir)
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (found.tracking_uri if found else None)
+    if uri is None:
+        raise SpecError("no tracking server: pass --tracking-uri http://HOST:PORT (one every node reaches)")
+    root = storage or (found.storage if found else None)
+    if root is None:
+        raise SpecError("no storage: pass --storage PATH (a shared filesystem path every node mounts)")
+    uri, root = jobs.check_tracking_uri(uri), jobs.check_storage(root)
+    name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # as `kdsweep run` names sweeps
+
+    client = job_client(address, cluster_dir)
+    job_id = jobs.submit(client, spec_path, name=name, storage=root, tracking_uri=uri, project=working_dir,
+                         metadata={tags.SWEEP: name, tags.SPEC: spec.name},
+                         num_trials=num_trials, max_concurrent=max_concurrent)
+    where = client.get_address()
+    err.print(f"[bold]kdsweep[/] job [cyan]{job_id}[/] submitted to {where}; tracking {uri}; storage {root}",
+              highlight=False, soft_wrap=True)
+    follow_hint = f"kdsweep status --job {job_id} --address {where} --follow"
+    if not wait:
+        out.print(job_id)
+        err.print(f"follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        return
+    try:
+        final = jobs.follow(client, job_id, print_log_chunk)
+    except KeyboardInterrupt:
+        err.print(f"detached; the job goes on. Follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    err.print(f"job {job_id}: {final.status}", highlight=False)
+    if final.status != "SUCCEEDED":
+        if final.message:
+            err.print(final.message.strip().splitlines()[0], highlight=False, soft_wrap=True, markup=False)
+        raise typer.Exit(1)

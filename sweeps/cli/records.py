@@ -1,0 +1,167 @@
+"""Reading what sweeps recorded: `status`, `best`, `pull`, and `ui` over the tracking store."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from cluster.addresses import MLFLOW_HOST
+from sweeps import tags
+from sweeps.cli.app import (
+    DEFAULT_CLUSTER_DIR,
+    ClusterDir,
+    JobAddress,
+    NotFoundError,
+    SweepName,
+    TrackingUri,
+    app,
+    find_sweep,
+    open_tracker,
+    out,
+    user_errors,
+)
+from sweeps.cli.jobs import job_status
+from sweeps.cli.render import print_best, print_pareto, print_sweeps, print_trials
+from sweeps.spec import SpecError
+from sweeps.tracking import Tracker
+
+
+@app.command()
+@user_errors
+def status(
+    name: Annotated[str | None, typer.Argument(help="A sweep: list its trials.")] = None,
+    tracking_uri: TrackingUri = None,
+    job: Annotated[str | None, typer.Option(
+        help="A sweep submitted with `kdsweep submit`: its Ray job (the job id is the sweep name).")] = None,
+    address: JobAddress = None,
+    follow: Annotated[bool, typer.Option(
+        "--follow", help="With --job: stream the job's logs until it ends; exit 1 unless it succeeded.")] = False,
+    cluster_dir: ClusterDir = DEFAULT_CLUSTER_DIR,
+) -> None:
+    """List sweeps with trial counts and best so far, or one sweep's trials, or follow a job."""
+    if job is not None:
+        job_status(job, address, follow, cluster_dir)
+        return
+    if follow:
+        raise SpecError("--follow follows a job: give --job JOB_ID")
+    tracker = open_tracker(tracking_uri, reading=True)
+    if name is None:
+        print_sweeps(tracker.uri, [(s, tracker.children(s.info.run_id, "trial")) for s in tracker.find_sweeps()])
+        return
+    sweep = find_sweep(tracker, name)
+    trials = sorted(tracker.children(sweep.info.run_id, "trial"), key=lambda r: r.info.start_time)
+    print_trials(sweep, [(t, len(tracker.client.get_metric_history(t.info.run_id, "val_acc"))) for t in trials])
+
+
+@app.command()
+@user_errors
+def best(
+    name: SweepName,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    pareto: Annotated[bool, typer.Option(
+        "--pareto", help="The Pareto front of a multi-objective sweep (accuracy vs cost).")] = False,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """The best trial of a sweep: config, metrics, model URI (or its Pareto front)."""
+    tracker = open_tracker(tracking_uri, reading=True)
+    sweep = find_sweep(tracker, name)
+    sweep_tags = sweep.data.tags
+    if pareto:
+        _show_pareto(tracker, sweep, as_json)
+        return
+    run_id = sweep_tags.get(tags.BEST_RUN_ID)
+    if not run_id:
+        raise NotFoundError(f"sweep {sweep_tags.get(tags.SWEEP)!r} has no best trial yet "
+                            f"(status {sweep.info.status})")
+    trial = tracker.client.get_run(run_id)
+    summary = {
+        "sweep": sweep_tags.get(tags.SWEEP), "status": sweep.info.status,
+        "trial_id": sweep_tags.get(tags.BEST_TRIAL_ID), "run_id": run_id,
+        "params": trial.data.params,
+        "metrics": {k: trial.data.metrics.get(k) for k in ("val_acc_best", "test_acc", "best_epoch")},
+        "sweep_metrics": sweep.data.metrics,
+        "model_uri": sweep_tags.get(tags.MODEL_URI), "model_version": sweep_tags.get(tags.MODEL_VERSION),
+    }
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    print_best(summary, sweep.data.metrics.get("baseline_test_acc"))
+
+
+def _show_pareto(tracker: Tracker, sweep: Any, as_json: bool) -> None:
+    if tags.PARETO_TRIAL_IDS not in sweep.data.tags:
+        raise NotFoundError(f"sweep {sweep.data.tags.get(tags.SWEEP)!r} has no Pareto front "
+                            "(only multi-objective sweeps, `sweep.objectives: [accuracy, params]`, have one)")
+    rows = _load_json(tracker, sweep.info.run_id, "pareto.json")
+    if as_json:
+        out.print_json(json.dumps(rows))
+        return
+    print_pareto(sweep.data.tags.get(tags.SWEEP), rows)
+
+
+def _load_json(tracker: Tracker, run_id: str, path: str) -> Any:
+    import mlflow.artifacts
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=path, dst_path=tmp,
+                                                    tracking_uri=tracker.uri)
+        return json.loads(Path(local).read_text())
+
+
+@app.command()
+@user_errors
+def pull(
+    name: SweepName,
+    to: Annotated[Path, typer.Option("--to", help="Directory for the student files.")],
+    trial: Annotated[str | None, typer.Option(
+        help="A Pareto-optimal trial of a multi-objective sweep instead of the best one.")] = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Copy the best student's files (state dict, TorchScript, metadata) into a directory."""
+    import mlflow.artifacts
+
+    tracker = open_tracker(tracking_uri, reading=True)
+    sweep = find_sweep(tracker, name)
+    if tags.MODEL_URI not in sweep.data.tags:
+        raise NotFoundError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
+    artifact_path = "export"
+    if trial is not None:
+        front = [t for t in sweep.data.tags.get(tags.PARETO_TRIAL_IDS, "").split(",") if t]
+        if trial not in front:
+            raise NotFoundError(f"trial {trial!r} is not on the Pareto front of {name!r} "
+                                f"(Pareto trials: {', '.join(front) or 'none'})")
+        artifact_path = f"pareto/{trial}"
+    if to.exists() and not to.is_dir():
+        raise SpecError(f"--to {to}: not a directory")
+    to.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(
+            run_id=sweep.info.run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=tracker.uri,
+        )
+        for path in sorted(Path(local).iterdir()):
+            shutil.copy2(path, to / path.name)
+            out.print(f"{to / path.name}")
+
+
+@app.command()
+@user_errors
+def ui(
+    port: Annotated[int, typer.Option(min=1, max=65535, help=f"Port on {MLFLOW_HOST}.")] = 5000,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Start the MLflow UI on the loopback address over the tracking store."""
+    tracker = open_tracker(tracking_uri)
+    if tracker.uri.startswith(("http://", "https://")):
+        out.print(f"the tracking server already serves its UI: {tracker.uri}")
+        return
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracker.uri,
+               "--host", MLFLOW_HOST, "--port", str(port)]
+    out.print(f"MLflow UI on http://{MLFLOW_HOST}:{port} (Ctrl-C stops it)")
+    os.execv(sys.executable, command)

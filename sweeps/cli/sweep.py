@@ -1,0 +1,85 @@
+"""`kdsweep run` and `kdsweep resume`: a sweep in this process, on a local Ray or a cluster."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from types import ModuleType
+from typing import Annotated, Any
+
+import typer
+
+from cluster.session import ray_session, use_local_cluster_token
+from sweeps.cli.app import (
+    MaxConcurrent,
+    NumTrials,
+    RayAddress,
+    TrackingUri,
+    app,
+    err,
+    open_tracker,
+    user_errors,
+    with_overrides,
+)
+from sweeps.cli.render import print_outcome
+from sweeps.spec import SpecError, load_spec
+
+
+@app.command()
+@user_errors
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC.yaml", help="Sweep spec (YAML).")],
+    name: Annotated[str | None, typer.Option(help="Sweep name [default: SPEC-NAME-TIMESTAMP].")] = None,
+    num_trials: NumTrials = None,
+    max_concurrent: MaxConcurrent = None,
+    address: RayAddress = None,
+    tracking_uri: TrackingUri = None,
+    storage: Annotated[Path, typer.Option(
+        help="Storage root: Tune experiments, stage store, studies, exports.")] = Path("kdsweep_storage"),
+) -> None:
+    """Run a sweep and print the best trial beside the CE-only student."""
+    spec = with_overrides(load_spec(spec_path), name, num_trials, max_concurrent)
+    if storage.exists() and not storage.is_dir():
+        raise SpecError(f"--storage {storage}: not a directory")
+    tracker = open_tracker(tracking_uri)
+    runner = _runner(address)
+    name = name or runner.default_sweep_name(spec)
+    runner.check_new_sweep(tracker, name, storage.resolve())  # before Ray starts
+    _in_ray_session(address, lambda: runner.run_sweep(
+        spec, name=name, storage=storage, tracking_uri=tracker.uri, console=err))
+
+
+@app.command()
+@user_errors
+def resume(
+    name: Annotated[str, typer.Argument(help="The sweep to continue (its exact name).")],
+    address: RayAddress = None,
+    tracking_uri: TrackingUri = None,
+) -> None:
+    """Continue a sweep whose driver was interrupted or killed, then print its result."""
+    tracker = open_tracker(tracking_uri, reading=True)
+    runner = _runner(address)
+    context = runner.resumable(name, tracker)  # before Ray starts
+    _in_ray_session(address, lambda: runner.resume_sweep(context, console=err))
+
+
+def _runner(address: str | None) -> ModuleType:
+    """`sweeps.runner`, imported (with Ray) only after the input is validated and the token
+    of a loopback cluster's `address` is in the environment."""
+    use_local_cluster_token(address)
+    from sweeps import runner
+
+    return runner
+
+
+def _in_ray_session(address: str | None, drive: Callable[[], Any]) -> None:
+    """Run `drive()` with Ray up; print its outcome, or exit 1 if no trial finished."""
+    from sweeps import runner
+
+    with ray_session(address, env_vars=runner.WORKER_ENV):
+        try:
+            outcome = drive()
+        except runner.SweepFailedError as error:
+            err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+    print_outcome(outcome)

@@ -1,0 +1,95 @@
+"""Confirmation: the top-k configurations (ranked on val) re-trained with new seeds.
+
+Each re-training is a Ray task with a trial's resources and a `confirm` child run; the mean
+and standard deviation per configuration are logged on the parent run. Ranking never looks
+at test metrics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+
+from kd_core.train import EpochReport, fit
+from sweeps import tags
+from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources, worker_setup
+from sweeps.results import METRIC, TrialSummary, ranked
+from sweeps.space import resolve_trial
+from sweeps.tracking import Tracker, child_run
+from sweeps.trainable import trial_params
+
+
+@dataclass(frozen=True)
+class Confirmation:
+    """A top-k configuration re-trained with new seeds."""
+
+    rank: int
+    trial_id: str
+    sampled: dict[str, Any]
+    seeds: list[int]
+    val_accs: list[float]
+    test_accs: list[float]
+
+    def summary(self) -> dict[str, float]:
+        def spread(values: list[float]) -> float:
+            return statistics.stdev(values) if len(values) > 1 else 0.0
+
+        return {"val_acc_mean": statistics.mean(self.val_accs), "val_acc_std": spread(self.val_accs),
+                "test_acc_mean": statistics.mean(self.test_accs), "test_acc_std": spread(self.test_accs)}
+
+
+def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
+            device: str = "cpu") -> dict[str, float]:
+    """Train a trial's configuration again with another seed (student initialisation and
+    shuffling; the frozen sources stay the stored ones), as a `confirm` child run. Returns the
+    final metrics: the test metrics are those of the best-val epoch."""
+    spec = context.spec
+    tracker = Tracker(context.tracking_uri)
+    plan = resolve_trial(spec, sampled)
+    with child_run(
+        tracker, context.parent_run_id, role="confirm", key_tag=tags.CONFIRM_KEY, key=f"{trial_id}/seed{seed}",
+        name=f"confirm-{trial_id}-seed{seed}", epochs=plan.recipe.epochs,
+        params={**trial_params(context, sampled), "seed": seed}, run_tags={tags.TRIAL_ID: trial_id},
+    ) as run:
+        data = load_dataset(spec.data.model_dump(), device)
+        sources = trial_sources(spec, plan, data, context, tracker, device)
+        distiller = build_distiller(plan, data, seed, sources, device)
+        options = fit_options(context, distiller, sources, data, spec.data.model_dump())
+
+        def log(report: EpochReport) -> None:
+            run.log_epoch(report.epoch, report.metrics)
+
+        return fit(distiller, data, plan.recipe, seed=seed, callback=log, **options).metrics
+
+
+def retrain_task(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
+                 device: str) -> dict[str, float]:
+    """`retrain` in a Ray task."""
+    worker_setup(context.spec, context.spec.sweep.cpus_per_trial)
+    return retrain(context, trial_id, sampled, seed, device)
+
+
+def confirm_top_k(context: SweepContext, trials: list[TrialSummary], tracker: Tracker) -> list[Confirmation]:
+    """Re-train the top-k finished configurations with `sweep.confirm.seeds` new seeds each."""
+    settings = context.spec.sweep
+    top = ranked(trials)[: settings.confirm.top_k]
+    seeds = [settings.seed + 1 + i for i in range(settings.confirm.seeds)]
+    task = ray.remote(retrain_task).options(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)
+    pending = [[task.remote(context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds] for t in top]
+    confirmations = []
+    for rank, (trial, refs) in enumerate(zip(top, pending, strict=True), start=1):
+        results = ray.get(refs)
+        confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, seeds,
+                                          [r[METRIC] for r in results], [r["test_acc"] for r in results]))
+    for c in confirmations:
+        tracker.log_metrics(context.parent_run_id, {f"confirm_{c.rank}_{k}": v for k, v in c.summary().items()}, 0)
+    if confirmations:
+        chosen = max(confirmations, key=lambda c: c.summary()["val_acc_mean"])
+        tracker.set_tags(context.parent_run_id, {tags.CONFIRMED_BEST_TRIAL_ID: chosen.trial_id})
+    tracker.client.log_dict(context.parent_run_id,
+                            [{**dataclasses.asdict(c), **c.summary()} for c in confirmations], "confirm.json")
+    return confirmations

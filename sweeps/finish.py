@@ -1,0 +1,132 @@
+"""After the trials: the CE-only baseline, the teacher's figures, confirmation, the exported best
+student (and, for a multi-objective sweep, every Pareto-optimal one), the parent run's summary
+metrics, tags and plots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import ray
+from ray import tune
+from torch import nn
+
+from kd_core.data import Dataset
+from kd_core.stages import StageStore
+from kd_core.train import load_checkpoint
+from sweeps import tags
+from sweeps.confirm import Confirmation, confirm_top_k
+from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
+from sweeps.pipeline import SweepContext, build_distiller, ensure_stage, load_dataset, trial_sources, worker_setup
+from sweeps.plots import log_sweep_plots
+from sweeps.results import METRIC, TrialSummary, best_trial, pareto_front, status_counts
+from sweeps.sources import baseline_stage, teacher_stage
+from sweeps.space import TrialPlan, resolve_trial
+from sweeps.tracking import Tracker
+
+STUDY_FILE = "study.db"  # the Optuna study, in the sweep's storage directory
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    name: str
+    parent_run_id: str
+    trials: list[TrialSummary]
+    best: TrialSummary
+    best_plan: TrialPlan
+    baseline_metrics: dict[str, float]
+    teacher_metrics: dict[str, float] | None
+    export: ExportResult
+    confirmations: list[Confirmation]
+    pareto: list[dict[str, Any]]  # multi-objective sweeps: the Pareto front, cheapest first
+    seconds: float  # the whole sweep
+    tune_seconds: float = 0.0  # the trials alone (Tune's fit)
+
+
+def study_storage(context: SweepContext) -> str:
+    """The Optuna study's storage URL (SQLite in the sweep's storage directory)."""
+    return f"sqlite:///{Path(context.storage) / context.name / STUDY_FILE}"
+
+
+def finish_sweep(
+    context: SweepContext, tracker: Tracker, results: tune.ResultGrid, trials: list[TrialSummary],
+    console: Any,
+) -> SweepOutcome:
+    """Everything after the trials; raises SweepFailedError when no trial finished."""
+    spec, parent_run_id = context.spec, context.parent_run_id
+    best = best_trial(trials)
+    plan = resolve_trial(spec, best.sampled)
+    data = load_dataset(spec.data.model_dump())
+    worker_setup(spec, None)  # the driver: every CPU
+    console.print("training the CE-only baseline student (same architecture and recipe)...")
+    # A Ray task with a trial's resources, so a GPU sweep trains its baseline on a GPU too.
+    baseline = ray.get(ray.remote(ensure_stage).options(
+        num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial,
+    ).remote(baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device))
+    teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
+    confirmations = confirm_top_k(context, trials, tracker) if spec.sweep.confirm.top_k else []
+
+    trial_runs = {r.data.tags.get(tags.TRIAL_ID): r for r in tracker.children(parent_run_id, "trial")}
+
+    def deployable_of(trial: TrialSummary) -> tuple[nn.Module, dict[str, Any]]:
+        """The trial's best-epoch deployable (SimKD: encoder + projector + teacher head) and its metadata."""
+        trial_plan = resolve_trial(spec, trial.sampled)
+        result = next(r for r in results if (r.metrics or {}).get("trial_id") == trial.trial_id)
+        with result.checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)["best"]["state"]
+        sources = trial_sources(spec, trial_plan, data, context, tracker, "cpu")
+        deployable = build_distiller(trial_plan, data, spec.sweep.seed, sources, "cpu").deployable()
+        deployable.load_state_dict(state)
+        meta = {"sweep": context.name, "trial_id": trial.trial_id, "run_id": trial_runs[trial.trial_id].info.run_id,
+                "method": trial_plan.method, "params": trial_plan.param_dict(), "arch": trial_plan.student_arch,
+                "recipe": trial_plan.recipe.as_dict(), "val_acc": trial.metrics[METRIC]}
+        return deployable, meta
+
+    directory = Path(context.storage) / context.name
+    deployable, meta = deployable_of(best)
+    export = export_student(deployable, data, directory / "export", tracker, parent_run_id,
+                            spec.registered_model, meta)
+    pareto = _export_pareto(context, trials, deployable_of, data, tracker)
+    counts = status_counts(t.status for t in trials)
+    tracker.log_metrics(parent_run_id, {
+        "best_val_acc": best.metrics[METRIC], "best_test_acc": export.test_acc,
+        "baseline_test_acc": baseline.meta["metrics"]["test_acc"],
+        "baseline_val_acc": baseline.meta["metrics"][METRIC],
+        **({"teacher_test_acc": teacher.meta["metrics"]["test_acc"]} if teacher else {}),
+        "trials_finished": counts["FINISHED"], "trials_stopped_early": counts["KILLED"],
+        "trials_failed": counts["FAILED"], "student_params": export.num_params,
+    }, step=0)
+    tracker.set_tags(parent_run_id, {
+        tags.BEST_TRIAL_ID: best.trial_id, tags.BEST_RUN_ID: trial_runs[best.trial_id].info.run_id,
+        tags.MODEL_URI: export.model_uri, tags.MODEL_VERSION: export.model_version,
+        tags.BASELINE_RUN_ID: baseline.run_id or "",
+        tags.TEACHER_RUN_ID: (teacher.run_id or "") if teacher else "",
+    })
+    log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)))
+    return SweepOutcome(
+        context.name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
+        teacher.meta["metrics"] if teacher else None, export, confirmations, pareto, seconds=0.0,
+    )
+
+
+def _export_pareto(context: SweepContext, trials: list[TrialSummary], deployable_of: Any, data: Dataset,
+                   tracker: Tracker) -> list[dict[str, Any]]:
+    """Every Pareto-optimal student as files (pullable with --trial), and the front as a table."""
+    cost_name = context.spec.sweep.cost
+    if cost_name is None:
+        return []
+    cost, parent_run_id = f"cost_{cost_name}", context.parent_run_id
+    directory = Path(context.storage) / context.name / PARETO_DIR
+    rows = []
+    for trial in pareto_front(trials, cost):
+        deployable, meta = deployable_of(trial)
+        test_acc, _ = write_student_files(deployable, data, directory / trial.trial_id, tracker,
+                                          parent_run_id, f"{PARETO_DIR}/{trial.trial_id}", meta)
+        rows.append({"trial_id": trial.trial_id, "val_acc": trial.metrics[METRIC], "test_acc": test_acc,
+                     "cost_name": cost_name, "cost": trial.metrics[cost], "settings": trial.sampled})
+    tracker.client.log_dict(parent_run_id, rows, "pareto.json")
+    tracker.set_tags(parent_run_id, {tags.PARETO_TRIAL_IDS: ",".join(r["trial_id"] for r in rows)})
+    return rows

@@ -1,0 +1,65 @@
+"""The sweep spec: YAML -> validated `SweepSpec`. Every error names the offending field.
+
+`load_spec` / `parse_spec` are the only way in: plugins first (`load_plugins`), then the
+schema (`schema.py`), then the cross-field checks (`checks.py`). Worker processes receive
+the validated spec object and call only `load_plugins`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+
+from sweeps.spec.checks import check_spec
+from sweeps.spec.coerce import SpecError, dataclass_from_dict, factory_args, format_errors
+from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSettings, SweepSpec
+
+__all__ = ["NAME_PATTERN", "ArchSpec", "ParamSpec", "SpecError", "SweepSettings", "SweepSpec",
+           "dataclass_from_dict", "factory_args", "load_plugins", "load_spec", "parse_spec"]
+
+
+def load_plugins(modules: Iterable[str]) -> None:
+    """Import the spec's plugin modules (each registers methods, models or datasets).
+
+    Raises ValueError naming a module that cannot be imported. Importing twice is free.
+    """
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise ValueError(f"plugins: cannot import plugin {module!r}: {error}") from None
+
+
+def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
+    """A validated spec from parsed YAML; raises SpecError listing every problem found."""
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}: a sweep spec must be a YAML mapping")
+    try:
+        plugins = data.get("plugins") or []
+        if not isinstance(plugins, list) or not all(isinstance(m, str) for m in plugins):
+            raise ValueError("plugins: a list of module names")
+        load_plugins(plugins)
+        spec = SweepSpec.model_validate(data)
+        check_spec(spec)
+    except ValidationError as error:
+        raise SpecError(f"invalid sweep spec {source}:\n  " + format_errors(error).replace("\n", "\n  ")) from None
+    except ValueError as error:
+        raise SpecError(f"invalid sweep spec {source}:\n  {error}") from None
+    return spec
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """`parse_spec` of a YAML file; raises SpecError for a missing file or invalid YAML."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML: {error}") from None
+    return parse_spec(data, str(path))

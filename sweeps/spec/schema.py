@@ -1,0 +1,295 @@
+"""The sweep spec's schema: pydantic models whose validators check one field or one block.
+
+Checks that span blocks (methods vs search space vs sources) are in `checks.py`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from kd_core.data import DATASETS
+from kd_core.distillers import DISTILLERS
+from kd_core.models import MODELS
+from kd_core.recipes import RECIPES, Recipe
+from kd_core.registry import Registry
+from sweeps.spec.coerce import dataclass_from_dict, factory_args
+
+SEARCH_PREFIXES = ("method.", "recipe.", "student.args.")
+
+
+def registered(registry: Registry) -> AfterValidator:
+    """A name that must be in `registry`; the error lists the known names."""
+
+    def check(name: str) -> str:
+        registry.get(name)
+        return name
+
+    return AfterValidator(check)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+def arch_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
+    """An architecture's arguments coerced, defaults filled in, and checked by building it once
+    (the factory's own value checks); raises ValueError naming the argument."""
+    factory = MODELS.get(name)
+    resolved = factory_args(factory, args, fixed=("num_classes", "in_channels"))
+    factory(num_classes=10, in_channels=3, **resolved)
+    return resolved
+
+
+class ArchSpec(Strict):
+    name: Annotated[str, registered(MODELS)]
+    args: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("args")
+    @classmethod
+    def _args(cls, args: dict[str, Any], info: Any) -> dict[str, Any]:
+        return arch_args(info.data["name"], args) if "name" in info.data else args
+
+    def label(self) -> str:
+        inner = ",".join(f"{k}={v}" for k, v in sorted(self.args.items()))
+        return f"{self.name}({inner})"
+
+
+class DataSpec(BaseModel):
+    """A registered dataset and its factory's arguments: `{name: digits, val_fraction: 0.2}`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, registered(DATASETS)] = "digits"
+
+    @model_validator(mode="after")
+    def _args(self) -> DataSpec:
+        self.__pydantic_extra__ = factory_args(DATASETS.get(self.name), dict(self.model_extra or {}))
+        return self
+
+    @property
+    def args(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class RecipeSpec(BaseModel):
+    """A named recipe plus overrides of its fields: `{name: digits, epochs: 10}`."""
+
+    model_config = ConfigDict(extra="allow")
+    name: Annotated[str, registered(RECIPES)] = "digits"
+
+    @model_validator(mode="after")
+    def _builds(self) -> RecipeSpec:
+        self.build()
+        return self
+
+    @property
+    def overrides(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def build(self, extra: dict[str, Any] | None = None) -> Recipe:
+        values = {**RECIPES.get(self.name).as_dict(), **self.overrides, **(extra or {})}
+        return dataclass_from_dict(Recipe, values)
+
+
+class MethodSpec(Strict):
+    """The method, and fixed parameter values; each value applies to every candidate method
+    (the fixed one, or those `method.name` searches over) that has a parameter of that name."""
+
+    name: Annotated[str, registered(DISTILLERS)] = "kd"
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class TeacherSpec(Strict):
+    arch: ArchSpec
+    recipe: RecipeSpec | None = None  # default: the student's recipe
+    seed: int = 0
+
+
+class StudentSpec(Strict):
+    arch: ArchSpec
+
+
+def param_names(method: str) -> list[str]:
+    return [f.name for f in dataclasses.fields(DISTILLERS.get(method).Params)]
+
+
+class ParamSpec(Strict):
+    """One searched parameter: `choices`, or `low`/`high` (float unless `type: int`)."""
+
+    type: Literal["float", "int", "categorical"] | None = None
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+    when: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _shape(self) -> ParamSpec:
+        if self.type is None:
+            self.type = "categorical" if self.choices is not None else "float"
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError("a categorical parameter needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError("give either 'choices' or 'low'/'high', not both")
+            return self
+        if self.choices is not None:
+            raise ValueError(f"a {self.type} parameter takes 'low'/'high', not 'choices'")
+        if self.low is None or self.high is None:
+            raise ValueError("a numeric parameter needs both 'low' and 'high'")
+        if self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("a log-scaled parameter needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("'log' and 'step' cannot be combined")
+        if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
+            raise ValueError("an int parameter needs whole-number 'low' and 'high'")
+        return self
+
+    def condition_holds(self, values: dict[str, Any]) -> bool:
+        """Whether every `when` condition holds for the values chosen so far."""
+        for path, expected in self.when.items():
+            allowed = expected if isinstance(expected, list) else [expected]
+            if values.get(path) not in allowed:
+                return False
+        return True
+
+
+class SchedulerSpec(Strict):
+    type: Literal["asha", "none"] = "asha"
+    grace_period: int = Field(3, ge=1)
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SamplerSpec(Strict):
+    type: Literal["tpe", "random"] = "tpe"
+    seed: int = 0
+    n_startup_trials: int = Field(6, ge=0)
+    multivariate: bool = True
+    constant_liar: bool = True
+
+
+class ConfirmSpec(Strict):
+    """Re-train the top-k configurations (ranked on val) with `seeds` new seeds each."""
+
+    top_k: int = Field(0, ge=0)  # 0: no confirmation
+    seeds: int = Field(3, ge=1)
+
+
+class TeacherCacheSpec(Strict):
+    """Frozen sources' logits on the training set, computed once per sweep storage and shared
+    by every trial (used only by methods whose sources stay frozen and give only logits)."""
+
+    enabled: bool = True
+    views: int = Field(4, ge=1)  # augmentation views per image (1 when there is no augmentation)
+    dtype: Literal["float16", "float32"] = "float16"
+    seed: int = 0  # draws the views
+
+
+class SweepSettings(Strict):
+    num_trials: int = Field(16, ge=1)
+    max_concurrent: int = Field(2, ge=1)
+    cpus_per_trial: float = Field(1.0, gt=0)
+    gpus_per_trial: float = Field(0.0, ge=0)  # > 0 trains on CUDA; fractions share a GPU
+    #: CUDA only (CPU trials train in float32 whatever is set here).
+    precision: Literal["float32", "bfloat16", "float16"] = "float32"
+    channels_last: bool = False
+    teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
+    seed: int = 0  # student initialisation and shuffling
+    max_failures: int = Field(0, ge=0)
+    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
+    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
+    #: `[accuracy]`, or `[accuracy, params | flops]` for a multi-objective search that also
+    #: minimises the deployed student's cost (reported as a Pareto front).
+    objectives: list[Literal["accuracy", "params", "flops"]] = Field(default_factory=lambda: ["accuracy"])
+    #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
+    initial_points: list[dict[str, Any]] = Field(default_factory=list)
+
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus_per_trial > 0 else "cpu"
+
+    @property
+    def cost(self) -> str | None:
+        """The cost objective of a multi-objective sweep, else None."""
+        return self.objectives[1] if len(self.objectives) > 1 else None
+
+    @model_validator(mode="after")
+    def _objectives(self) -> SweepSettings:
+        if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2 \
+                or "accuracy" in self.objectives[1:]:
+            raise ValueError("objectives: [accuracy] or [accuracy, params | flops]")
+        if self.cost and self.scheduler.type == "asha":
+            raise ValueError("a multi-objective sweep cannot use ASHA (it stops trials on one metric): "
+                             "set scheduler: {type: none}")
+        return self
+
+
+class TrackingSpec(Strict):
+    experiment: str = "kdsweep"
+    registered_model: str | None = None  # default: "<spec name>-student"
+
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+class SweepSpec(Strict):
+    name: str
+    description: str = ""
+    #: Modules that register methods, models or datasets: `load_plugins` imports them before
+    #: the spec is validated, and every worker process before it uses the spec (so they must
+    #: be importable on every node).
+    plugins: list[str] = Field(default_factory=list)
+    data: DataSpec = Field(default_factory=DataSpec)
+    teacher: TeacherSpec | None = None
+    student: StudentSpec
+    #: Teacher-assistant architectures, largest first; methods with n assistants use the first
+    #: n. Default: 3 sizes spaced between teacher and student when both are one family.
+    assistants: list[ArchSpec] | None = None
+    method: MethodSpec = Field(default_factory=MethodSpec)
+    recipe: RecipeSpec = Field(default_factory=RecipeSpec)
+    search: dict[str, ParamSpec]
+    sweep: SweepSettings = Field(default_factory=SweepSettings)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, name: str) -> str:
+        if not NAME_PATTERN.match(name):
+            raise ValueError("use letters, digits, '_', '.' and '-' (at most 100 characters)")
+        return name
+
+    @field_validator("search")
+    @classmethod
+    def _not_empty(cls, search: dict[str, ParamSpec]) -> dict[str, ParamSpec]:
+        if not search:
+            raise ValueError("the search space is empty: add at least one parameter")
+        return search
+
+    @property
+    def teacher_recipe(self) -> RecipeSpec:
+        return self.teacher.recipe if self.teacher and self.teacher.recipe else self.recipe
+
+    @property
+    def registered_model(self) -> str:
+        return self.tracking.registered_model or f"{self.name}-student"
+
+    def candidate_methods(self) -> list[str]:
+        searched = self.search.get("method.name")
+        return list(searched.choices) if searched else [self.method.name]
+
+    def fixed_params(self, method: str) -> dict[str, Any]:
+        """The spec's fixed parameter values that `method` has."""
+        names = param_names(method)
+        return {k: v for k, v in self.method.params.items() if k in names}
+
+    def fixed_values(self) -> dict[str, Any]:
+        """Values of searchable paths that are not searched (for `when` conditions)."""
+        return {"method.name": self.method.name}

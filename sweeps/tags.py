@@ -1,0 +1,39 @@
+"""Every MLflow tag kdsweep writes, by name. Other modules import these; no tag literal lives elsewhere.
+
+Runs: one parent run per sweep (role `sweep`), one child per trial (`trial`), per stage
+(`teacher`, `assistant`, `baseline`, `sftn_teacher`, `lw_teacher`) and per confirmation
+re-training (`confirm`).
+"""
+
+from __future__ import annotations
+
+PREFIX = "kdsweep."
+
+# Every run of a sweep.
+SWEEP = PREFIX + "sweep"  # the sweep name
+ROLE = PREFIX + "role"  # sweep | trial | confirm | a stage role
+END_REASON = PREFIX + "end_reason"  # why a run ended FAILED or KILLED
+
+# The parent run.
+SPEC = PREFIX + "spec"  # the spec name
+STORAGE = PREFIX + "storage"  # the storage root of the sweep's Tune experiment, stages and exports
+BEST_TRIAL_ID = PREFIX + "best_trial_id"
+BEST_RUN_ID = PREFIX + "best_run_id"
+MODEL_URI = PREFIX + "model_uri"
+MODEL_VERSION = PREFIX + "model_version"
+BASELINE_RUN_ID = PREFIX + "baseline_run_id"
+TEACHER_RUN_ID = PREFIX + "teacher_run_id"
+PARETO_TRIAL_IDS = PREFIX + "pareto_trial_ids"  # comma-separated, multi-objective sweeps only
+CONFIRMED_BEST_TRIAL_ID = PREFIX + "confirmed_best_trial_id"
+
+# Child runs.
+TRIAL_ID = PREFIX + "trial_id"  # trial and confirmation runs: the Tune trial id
+STAGE_KEY = PREFIX + "stage_key"  # stage runs: the stage's hash key
+CONFIRM_KEY = PREFIX + "confirm_key"  # confirmation runs: "<trial id>/seed<seed>"
+NODE_IP = PREFIX + "node_ip"  # the Ray node a trial ran on (updated when a retry moves it)
+TEACHER_CACHE = PREFIX + "teacher_cache"  # on | off
+
+
+def lineage(label: str) -> tuple[str, str]:
+    """(run id tag, stage key tag) naming the source `label` (teacher, assistant_1, ...) of a run."""
+    return f"{PREFIX}{label}_run_id", f"{PREFIX}{label}_stage_key"
