@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 # Debian's Chromium, for the real-browser test of the MLflow UI (Playwright's own browser
 # download cannot reach its host from CI). sudo only when not root.
 CHROMIUM ?= /usr/bin/chromium
+# Fashion-MNIST's IDX files, from Debian's dataset-fashion-mnist package (the fashion_mnist dataset's
+# default root; tests and the Fashion-MNIST spec read it).
+FASHION_MNIST ?= /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 
 .PHONY: sweep test lint
@@ -13,7 +16,7 @@ SUDO := $(if $(filter 0,$(shell id -u)),,$(shell command -v sudo))
 sweep: $(VENV)/.installed  ## the main job: a real sweep on the embedded default
 	$(BIN)/kdsweep run sweeps/specs/digits_kd.yaml
 
-test: $(VENV)/.installed $(CHROMIUM)  ## the whole test suite (tests/test_browser.py drives Chromium)
+test: $(VENV)/.installed $(CHROMIUM) $(FASHION_MNIST)  ## the whole test suite (tests/test_browser.py drives Chromium)
 	$(BIN)/python -m pytest
 
 lint: $(VENV)/.installed
@@ -30,3 +33,7 @@ $(VENV)/.installed: pyproject.toml
 $(CHROMIUM):
 	$(SUDO) apt-get update
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium
+
+$(FASHION_MNIST):
+	$(SUDO) apt-get update
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends dataset-fashion-mnist

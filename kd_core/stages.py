@@ -31,15 +31,27 @@ META_FILE = "stage.json"
 
 @dataclass(frozen=True)
 class StageSpec:
-    """Everything that determines a stage's trained weights."""
+    """Everything that determines a stage's weights.
+
+    `init` names the weights a stage starts from (a user's file by its content hash, or a
+    pinned MLflow model); with `recipe` None the stage is not trained at all: its weights are
+    `init`'s, evaluated once (a pretrained teacher).
+    """
 
     role: str  # teacher, assistant, baseline, ...
     arch: dict[str, Any]  # {"name": ..., "args": {...}}
     data: dict[str, Any]  # {"name": ..., "seed": ..., ...}
-    recipe: dict[str, Any]  # a Recipe as a dict
+    recipe: dict[str, Any] | None  # a Recipe as a dict; None: imported, not trained
     method: dict[str, Any] = field(default_factory=lambda: {"name": "ce", "params": {}})
     seed: int = 0
     parents: tuple[StageSpec, ...] = ()  # the frozen stages this one learns from, in order
+    #: {"file", "sha256", "key"} or {"model_uri", "run_id", "artifact", "sha256"}; where a file
+    #: lies is not a determinant, its content is.
+    init: dict[str, Any] | None = None
+
+    @property
+    def trained(self) -> bool:
+        return self.recipe is not None
 
     @property
     def key(self) -> str:
@@ -49,6 +61,8 @@ class StageSpec:
             "arch": self.arch, "data": self.data, "recipe": self.recipe, "method": self.method,
             "seed": self.seed, "parents": [p.key for p in self.parents],
         }
+        if self.init is not None:  # absent otherwise: keys of stages without init stay as they were
+            determinants["init"] = {k: v for k, v in self.init.items() if k != "file"}
         canonical = json.dumps(determinants, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
@@ -78,6 +92,11 @@ class SourcePlan:
         """The fixed parameter values a params dataclass has."""
         names = {f.name for f in fields(params_class)}
         return {k: v for k, v in self.fixed_params.items() if k in names}
+
+    @property
+    def teacher_recipe(self) -> dict[str, Any]:
+        """The teacher's recipe, or this plan's for a pretrained (untrained) teacher."""
+        return self.require_teacher().recipe or self.recipe
 
     def require_teacher(self) -> StageSpec:
         if self.teacher is None:

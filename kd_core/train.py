@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kd_core.cache import SourceLogitCache
+from kd_core.cache import SourceLogitCache, training_batches
 from kd_core.data.base import Dataset, SplitLike
 from kd_core.distillers.base import Distiller, TrainingPosition
 from kd_core.recipes import Recipe
@@ -112,9 +112,11 @@ def fit(
 
     Each epoch: one pass over train, then val; the best epoch is the highest val accuracy
     (ties: lower val loss). The last epoch also reports test metrics of the best-epoch
-    and last-epoch models. `resume` is a checkpoint from `load_checkpoint`. With
-    `source_cache`, training batches replay the cached views and the distiller reads the
-    sources' cached logits instead of running them. `precision` (autocast) and
+    and last-epoch models. `resume` is a checkpoint from `load_checkpoint`. Each epoch's
+    shuffle and augmentation are drawn from (`seed`, epoch) alone (`kd_core.cache.epoch_draws`),
+    so every method trains on the same batches for the same seed. With `source_cache`, the
+    distiller reads the sources' cached logits of those batches instead of running them (a
+    bank cache, `views=K`, shows its stored views instead). `precision` (autocast) and
     `channels_last` apply on CUDA only; on the CPU training stays float32. Every step passes
     its `TrainingPosition` to `forward_train` and checks the returned term names against the
     weight fields (raises `ContractError` on a mismatch, naming the method).
@@ -148,11 +150,13 @@ def fit(
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         started = time.perf_counter()
         distiller.train()
-        shuffle = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        # The epoch's order and augmentation depend on (seed, epoch) only (kd_core.cache.epoch_draws):
+        # every method, with the cache or without, trains on the same batches.
         if source_cache is not None:
-            batches = source_cache.batches(data.train, recipe.batch_size, shuffle)
+            batches = source_cache.batches(recipe.batch_size, seed, epoch)
         else:
-            batches = ((images, labels, None) for images, labels in data.train.batches(recipe.batch_size, shuffle))
+            batches = ((images, labels, None)
+                       for images, labels in training_batches(data.train, recipe.batch_size, seed, epoch))
         # Loss sums stay on the device (one synchronisation per epoch, not per step); the
         # floats of `after_step` (a method's own optimizer) are summed on the host.
         loss_sums: torch.Tensor | None = None

@@ -6,6 +6,7 @@ store's lock, after its own parents, as a tracked MLflow run) and build the dist
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,13 +20,15 @@ from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import StagedModel, build_model
 from kd_core.recipes import Recipe
 from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
-from kd_core.train import EpochReport, fit
+from kd_core.train import EpochReport, evaluate, fit
 from sweeps import tags
+from sweeps.pretrained import initialise
 from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan
 from sweeps.spec import SweepSpec, load_plugins
 from sweeps.tracking import Tracker, child_run
 
+LOG = logging.getLogger("kdsweep")
 CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store
 _datasets: dict[tuple[str, str], Dataset] = {}  # per process: a reused actor loads data once
 _models: dict[tuple[str, str], StagedModel] = {}
@@ -78,9 +81,15 @@ def input_shape(data: Dataset) -> tuple[int, ...]:
     return tuple(images.shape[1:])
 
 
-def new_model(arch: dict[str, Any], data: Dataset, seed: int) -> StagedModel:
-    torch.manual_seed(seed)  # equal seeds give equal initial weights across trials
-    return build_model(arch["name"], data.num_classes, data.in_channels, arch.get("args", {}))
+def new_model(arch: dict[str, Any], data: Dataset, seed: int, init: dict[str, Any] | None = None,
+              tracking_uri: str | None = None, *, new_head: bool = True) -> StagedModel:
+    """A model for `data`, seeded (equal seeds give equal initial weights across trials), then
+    loaded from `init` when given (`new_head`: a head of another class count is replaced)."""
+    torch.manual_seed(seed)
+    model = build_model(arch["name"], data.num_classes, data.in_channels, arch.get("args", {}))
+    for note in initialise(model, init, tracking_uri, new_head=new_head):
+        LOG.warning(note)
+    return model
 
 
 def arch_params(prefix: str, arch: dict[str, Any]) -> dict[str, Any]:
@@ -124,10 +133,34 @@ def fit_options(
     return {"source_cache": use_cache, "precision": settings.precision, "channels_last": settings.channels_last}
 
 
+def import_stage(stage: StageSpec, device: str, tracker: Tracker, context: SweepContext) -> TrainedStage:
+    """A pretrained stage: its weights loaded (never trained), evaluated once on val and test,
+    recorded as a stage run with eval metrics only."""
+    source = stage.init or {}
+    with child_run(
+        tracker, context.parent_run_id, role=stage.role, key_tag=tags.STAGE_KEY, key=stage.key,
+        name=f"{stage.role}-{stage.key[:8]}", epochs=0,
+        params={"method": "pretrained", **arch_params("arch", stage.arch), "data": stage.data["name"],
+                "stage_key": stage.key, "weights": source.get("file") or source.get("model_uri"),
+                "weights_sha256": source.get("sha256")},
+    ) as run:
+        data = load_dataset(stage.data, device)
+        model = new_model(stage.arch, data, stage.seed, stage.init, context.tracking_uri, new_head=False).to(device)
+        (val_loss, val_acc), (test_loss, test_acc) = evaluate(model, data.val), evaluate(model, data.test)
+        metrics = {"val_loss": val_loss, "val_acc": val_acc, "val_acc_best": val_acc, "val_loss_best": val_loss,
+                   "test_loss": test_loss, "test_acc": test_acc}
+        run.log_metrics(metrics)
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        return TrainedStage(state, data.num_classes, data.in_channels, metrics=metrics, info={"run_id": run.run_id})
+
+
 def train_stage(
     stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, context: SweepContext
 ) -> TrainedStage:
-    """Train one stage with its method, learning from its (already resolved) parents."""
+    """Train one stage with its method, learning from its (already resolved) parents; a
+    pretrained stage is only imported (`import_stage`)."""
+    if not stage.trained:
+        return import_stage(stage, device, tracker, context)
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
     params = method.make_params(stage.method.get("params", {}))
@@ -139,7 +172,7 @@ def train_stage(
         run_tags=lineage_tags(sources),
     ) as run:
         data = load_dataset(stage.data, device)
-        model = new_model(stage.arch, data, stage.seed)
+        model = new_model(stage.arch, data, stage.seed, stage.init, context.tracking_uri)
         distiller = method(model, [s.model for s in sources], params).to(device)
 
         def log(report: EpochReport) -> None:
@@ -179,7 +212,7 @@ def trial_sources(
 
 def build_distiller(plan: TrialPlan, data: Dataset, seed: int, sources: list[Source], device: str) -> Distiller:
     """The trial's distiller: a fresh student (seeded) learning from the frozen sources."""
-    student = new_model(plan.student_arch, data, seed)
+    student = new_model(plan.student_arch, data, seed, plan.student_init)
     return DISTILLERS.get(plan.method)(student, [s.model for s in sources], plan.params).to(device)
 
 

@@ -3,9 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from kd_core.checkpoints import sha256_file
 from kd_core.distillers import DISTILLERS, MethodParams
 from kd_core.recipes import Recipe
 from kd_core.stages import SourcePlan, StageSpec
@@ -16,26 +19,54 @@ if TYPE_CHECKING:
 DEFAULT_ASSISTANTS = 3
 
 
+@functools.lru_cache(maxsize=64)
+def _file_hash(path: str, size: int, mtime_ns: int) -> str:
+    return sha256_file(path)
+
+
+def file_init(path: str, key: str | None) -> dict[str, Any]:
+    """A stage's `init` from a weights file: its content hash is a stage-key determinant."""
+    resolved = Path(path).expanduser().resolve()
+    if not resolved.is_file():
+        raise ValueError(f"checkpoint {path}: no such file")
+    status = resolved.stat()
+    return {"file": str(resolved), "sha256": _file_hash(str(resolved), status.st_size, status.st_mtime_ns),
+            "key": key}
+
+
 def teacher_stage(spec: SweepSpec) -> StageSpec | None:
-    if spec.teacher is None:
+    """The teacher: trained by the sweep, or pretrained (a file, a pinned MLflow model) and
+    only evaluated. A model_uri teacher must be pinned first (`sweeps.pretrained.pin_teacher`)."""
+    teacher = spec.teacher
+    if teacher is None:
         return None
-    return StageSpec(
-        role="teacher",
-        arch=spec.teacher.arch.model_dump(),
-        data=spec.data.model_dump(),
-        recipe=spec.teacher_recipe.build().as_dict(),
-        seed=spec.teacher.seed,
-    )
+    if teacher.arch is None or (teacher.model_uri and teacher.resolved is None):
+        raise ValueError(f"teacher.model_uri {teacher.model_uri!r} is not resolved yet (kdsweep run does it)")
+    if teacher.checkpoint:
+        recipe, init = None, file_init(teacher.checkpoint, teacher.checkpoint_key)
+    elif teacher.model_uri:
+        recipe, init = None, dict(teacher.resolved or {})
+    else:
+        recipe, init = spec.teacher_recipe.build().as_dict(), None
+    return StageSpec(role="teacher", arch=teacher.arch.model_dump(), data=spec.data.model_dump(),
+                     recipe=recipe, seed=teacher.seed, init=init)
+
+
+def student_init(spec: SweepSpec) -> dict[str, Any] | None:
+    """Where every student (trials, baseline, confirmations) starts from, if not from scratch."""
+    student = spec.student
+    return file_init(student.init_checkpoint, student.checkpoint_key) if student.init_checkpoint else None
 
 
 def baseline_stage(spec: SweepSpec, recipe: Recipe, student_arch: dict[str, Any]) -> StageSpec:
-    """The CE-only student of `student_arch`, trained with `recipe`."""
+    """The CE-only student of `student_arch`, trained with `recipe` (from the students' init)."""
     return StageSpec(
         role="baseline",
         arch=student_arch,
         data=spec.data.model_dump(),
         recipe=recipe.as_dict(),
         seed=spec.sweep.seed,
+        init=student_init(spec),
     )
 
 

@@ -9,6 +9,7 @@ import optuna
 
 from kd_core.distillers import DISTILLERS, MethodParams
 from kd_core.recipes import Recipe
+from sweeps.sources import student_init
 from sweeps.spec import ParamSpec, SweepSpec
 
 
@@ -46,6 +47,7 @@ class TrialPlan:
     recipe: Recipe
     student_arch: dict[str, Any]  # {"name": ..., "args": {...}}, searched arguments applied
     sampled: dict[str, Any]
+    student_init: dict[str, Any] | None = None  # the students' initial weights (sources.student_init)
 
     def param_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self.params).items()}
@@ -67,4 +69,5 @@ def resolve_trial(spec: SweepSpec, sampled: dict[str, Any]) -> TrialPlan:
     }
     student_arch = {"name": spec.student.arch.name, "args": {**spec.student.arch.args, **student_args}}
     params = DISTILLERS.get(method).make_params({**base, **searched})
-    return TrialPlan(method, params, spec.recipe.build(recipe_overrides), student_arch, dict(sampled))
+    return TrialPlan(method, params, spec.recipe.build(recipe_overrides), student_arch, dict(sampled),
+                     student_init(spec))

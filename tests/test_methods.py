@@ -181,6 +181,59 @@ def test_simkd_pools_a_larger_student_map_to_the_teacher_size(batch) -> None:
     assert rebuilt.deploy.aligned_size.tolist() == [2, 2]
 
 
+def _last_stage(model, images: torch.Tensor) -> torch.Tensor:
+    return model.stage_outputs(images)[-1]
+
+
+def test_simkd_aligns_last_stage_outputs_before_a_channel_changing_neck() -> None:
+    """ShuffleNetV2 and MobileNetV2 end in a 1x1 conv to 1024/1280 channels (their neck): f is the
+    last stage's output before it (the official feat[-2]), and a teacher's reused classifier is
+    its neck + pool + FC. Both once crashed: the projector was sized by the stage, fed the neck."""
+    torch.manual_seed(0)
+    student, teacher = build_model("shufflenetv2", 100, 3), build_model("mobilenetv2_0_5", 100, 3)
+    simkd = DISTILLERS.get("simkd")
+    distiller = simkd(student, [teacher], simkd.make_params({"w_ce": 1.0}))
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    assert distiller.projector[0].in_channels == 464 and distiller.projector[-3].out_channels == 160
+    with torch.no_grad():
+        f_t = _last_stage(teacher, images)  # (2, 160, 2, 2); the student's f_s is (2, 464, 4, 4)
+    projected = distiller.projector(F.adaptive_avg_pool2d(_last_stage(student, images), (2, 2)))
+    torch.testing.assert_close(terms["feat"], F.mse_loss(projected, f_t))
+    torch.testing.assert_close(logits, teacher.head(teacher.neck(projected)))
+    (terms["feat"] + terms["ce"]).backward()
+    assert all(p.grad is None for p in [*student.neck.parameters(), *student.head.parameters()])
+    assert all(p.grad is None for p in teacher.parameters())
+
+    deploy = distiller.deployable()
+    count = sum(p.numel() for p in deploy.parameters())
+    parts = (student.stem, student.stages, distiller.projector, teacher.neck, teacher.head)
+    assert count == sum(p.numel() for m in parts for p in m.parameters())
+    deploy.train()
+    assert not any(m.training for m in [*teacher.neck.modules(), *teacher.head.modules()])  # frozen, always eval
+    distiller.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(images), teacher.head(teacher.neck(distiller.projector(
+            F.adaptive_avg_pool2d(_last_stage(student, images), (2, 2))))))
+
+
+def test_simkd_reads_a_pre_activation_net_after_its_final_bn_relu() -> None:
+    """WRN's neck (BN + ReLU) keeps the channels: f is what the classifier reads, on both sides."""
+    torch.manual_seed(0)
+    student, teacher = build_model("wrn_16_1", 100, 3), build_model("wrn_16_2", 100, 3)
+    simkd = DISTILLERS.get("simkd")
+    distiller = simkd(student, [teacher], simkd.make_params())
+    images = torch.randn(2, 3, 32, 32)
+    distiller.train()
+    _, terms = distiller.forward_train(images, torch.tensor([0, 1]))
+    with torch.no_grad():
+        f_t = teacher.prehead(images)  # after the final BN + ReLU
+    projected = distiller.projector(student.prehead(images))
+    torch.testing.assert_close(terms["feat"], F.mse_loss(projected, f_t))
+    assert distiller.deploy.encoder.neck is student.neck and isinstance(distiller.deploy.teacher_neck, nn.Identity)
+
+
 # SOKD -------------------------------------------------------------------------------------
 
 
@@ -250,6 +303,51 @@ def test_dml_terms_by_hand_and_both_networks_learn(batch) -> None:
     terms["kd"].backward()
     assert all(p.grad is None for p in distiller.peer.parameters())  # the peer side is detached
     assert any(p.grad is not None for p in distiller.student.parameters())
+
+
+# Reference variants (docs/methods.md): the official codes' losses, written out by hand -----------
+
+
+def _weighted(method: str, params: dict, student, sources, images, labels) -> torch.Tensor:
+    from kd_core.train import weighted_loss
+
+    cls = DISTILLERS.get(method)
+    distiller = cls(student, sources, cls.make_params(params)).double()
+    distiller.train()
+    _, terms = distiller.forward_train(images, labels)
+    return weighted_loss(terms, distiller.weights)
+
+
+def test_takd_official_loss_is_kd_with_mean_kl(batch) -> None:
+    """TAKD's train.py: (1 - l) CE + l T^2 KLDivLoss()(log_softmax(z_s/T), softmax(z_t/T)), element mean."""
+    images, labels = batch
+    student, teacher = convnet(4), convnet(16, 1)
+    lam, t = 0.7, 5.0
+    z_s, z_t = student(images), teacher.eval()(images).detach()  # a frozen source runs in eval mode
+    kl_mean = (F.softmax(z_t / t, 1) * (F.log_softmax(z_t / t, 1) - F.log_softmax(z_s / t, 1))).mean()
+    official = (1 - lam) * ce_by_hand(z_s, labels) + lam * t * t * kl_mean
+    ours = _weighted("kd", {"T": t, "w_ce": 1 - lam, "w_kd": lam, "kl_reduction": "mean"}, student, [teacher],
+                     images, labels)
+    torch.testing.assert_close(ours, official)
+
+
+def test_tfkd_official_regularization_is_tfkd_at_t1_with_mean_kl(batch) -> None:
+    """TF-KD's loss_kd_regularization: (1 - a) CE + a m KLDivLoss()(log_softmax(z), softmax(u / tau)),
+    u = 0.99 on the label and 0.01 / (K - 1) elsewhere (probabilities softened as logits)."""
+    import math
+
+    images, labels = batch
+    student = convnet(4)
+    k, tau, alpha, multiplier, correct = 10, 20.0, 0.1, 100.0, 0.99
+    u = torch.full((len(labels), k), (1 - correct) / (k - 1), dtype=torch.float64)
+    u[torch.arange(len(labels)), labels] = correct
+    target, z = F.softmax(u / tau, 1), student(images)
+    official = (1 - alpha) * ce_by_hand(z, labels) + alpha * multiplier * (
+        target * (target.log() - F.log_softmax(z, 1))).mean()
+    mass = math.exp(correct / tau) / (math.exp(correct / tau) + (k - 1) * math.exp((1 - correct) / (k - 1) / tau))
+    ours = _weighted("tfkd", {"T": 1.0, "kl_reduction": "mean", "correct_mass": mass, "w_ce": 1 - alpha,
+                              "w_kd": alpha * multiplier}, student, [], images, labels)
+    torch.testing.assert_close(ours, official)
 
 
 # Every method: by the registry, never a list of names --------------------------------------

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kd_core.distillers import DISTILLERS
 from kd_core.losses import kd_loss
@@ -117,6 +118,37 @@ def test_branches_own_their_weights() -> None:
     assert [len(b.stages) for b in distiller.branches] == [2, 1]
     trainable = {id(p) for g in distiller.param_groups() for p in g["params"]}
     assert trainable == {id(p) for p in [*distiller.student.parameters(), *distiller.branches.parameters()]}
+
+
+def test_branches_match_the_student_resolution_as_well_as_its_channels() -> None:
+    """resnet8 runs its stages at 32/16/8 pixels, ShuffleNetV2 at 16/8/4: branch i must hand
+    student stage i+1 the student's stage-i map size (it once ran at the teacher's, 2x larger)."""
+    cls = DISTILLERS.get("sftn_teacher")
+    student_arch = {"name": "shufflenetv2", "args": {"net_size": 0.5}}
+    torch.manual_seed(0)
+    distiller = cls(build_model("resnet8", 100, 3), [], cls.make_params({"student_arch": student_arch}))
+    student = build_model("shufflenetv2", 100, 3, {"net_size": 0.5}).eval()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = [tuple(o.shape[1:]) for o in student.stage_outputs(images)]
+    assert expected == [(48, 16, 16), (96, 8, 8), (192, 4, 4)]
+    assert distiller.student_sizes((3, 32, 32)) == [shape[1:] for shape in expected]
+    transformed = []
+    for branch in distiller.branches:
+        branch.transform.register_forward_hook(lambda _m, _i, out: transformed.append(tuple(out.shape[1:])))
+    distiller.train()
+    logits, terms = distiller.forward_train(images, labels)
+    assert transformed == expected[:-1]
+    # by hand: pool the teacher map to the student's size, then the branch's own modules
+    teacher = distiller.student
+    features = teacher.stage_outputs(images)
+    z_r = []
+    for i, branch in enumerate(distiller.branches):
+        x = branch.transform(F.adaptive_avg_pool2d(features[i], expected[i][1:]))
+        for stage in branch.stages:
+            x = stage(x)
+        z_r.append(branch.head(branch.neck(x)))
+    torch.testing.assert_close(terms["r_kl"], sum(kd_loss(z, logits, 1.0, detach_teacher=False) for z in z_r))
 
 
 def test_mismatched_stage_counts_raise() -> None:

@@ -13,12 +13,39 @@ from kd_core.models import MODELS, build_model
 
 ZOO = [name for name in MODELS.names() if name != "convnet"]
 
-# parameters (millions) with 100 classes, as reported for the CRD/RepDistiller zoo
-PARAMS_M = {
-    "resnet8": 0.084, "resnet20": 0.278, "resnet32": 0.473, "resnet56": 0.862, "resnet110": 1.737,
-    "resnet8x4": 1.234, "resnet32x4": 7.434, "wrn_16_2": 0.703, "wrn_40_1": 0.570, "wrn_40_2": 2.255,
-    "vgg8": 3.965, "vgg13": 9.462, "mobilenetv2_0_5": 0.813, "shufflenetv1": 0.949, "shufflenetv2": 1.356,
+# The CIFAR zoo as RepDistiller defines it (HobbitLong/RepDistiller models/*.py, which SimKD and
+# mdistiller copy): exact parameter counts with 100 classes and every stage's output shape
+# (C, H, W) for a 3x32x32 input, computed from the reference definitions. docs/spec.md has the table.
+REFERENCE: dict[str, tuple[int, list[tuple[int, int, int]]]] = {
+    "resnet8": (83_892, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet14": (181_108, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet20": (278_324, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet32": (472_756, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet44": (667_188, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet56": (861_620, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet110": (1_736_564, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "resnet8x4": (1_233_540, [(64, 32, 32), (128, 16, 16), (256, 8, 8)]),
+    "resnet32x4": (7_433_860, [(64, 32, 32), (128, 16, 16), (256, 8, 8)]),
+    "resnet50": (23_705_252, [(256, 32, 32), (512, 16, 16), (1024, 8, 8), (2048, 4, 4)]),
+    "wrn_16_1": (180_916, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "wrn_16_2": (703_284, [(32, 32, 32), (64, 16, 16), (128, 8, 8)]),
+    "wrn_40_1": (569_780, [(16, 32, 32), (32, 16, 16), (64, 8, 8)]),
+    "wrn_40_2": (2_255_156, [(32, 32, 32), (64, 16, 16), (128, 8, 8)]),
+    "vgg8": (3_965_028, [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+    "vgg11": (9_277_284, [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+    "vgg13": (9_462_180, [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+    "vgg16": (14_774_436, [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+    "vgg19": (20_086_692, [(64, 32, 32), (128, 16, 16), (256, 8, 8), (512, 4, 4), (512, 4, 4)]),
+    "mobilenetv2": (2_353_060, [(24, 16, 16), (32, 8, 8), (96, 4, 4), (320, 2, 2)]),
+    "mobilenetv2_0_5": (812_836, [(12, 16, 16), (16, 8, 8), (48, 4, 4), (160, 2, 2)]),
+    "shufflenetv1": (949_258, [(240, 16, 16), (480, 8, 8), (960, 4, 4)]),
+    "shufflenetv2": (1_355_528, [(116, 16, 16), (232, 8, 8), (464, 4, 4)]),
+    "shufflenetv2_1_5": (2_580_548, [(176, 16, 16), (352, 8, 8), (704, 4, 4)]),
 }
+# the reference ShuffleV2's other net sizes (its configs dict; 2.0 opens with 224 channels)
+SHUFFLENETV2_SIZES = {0.2: 220_388, 0.3: 235_588, 0.5: 443_716, 1.0: 1_355_528, 1.5: 2_580_548, 2.0: 5_521_860}
+# how the reference initialises each family's Linear layer (kd_core/models/initialization.py)
+LINEAR_INIT = {"resnet": "pytorch", "wrn": "zero_bias", "vgg": "normal", "mobilenetv2": "normal"}
 
 
 def test_the_zoo_is_registered() -> None:
@@ -63,12 +90,86 @@ def test_builds_trains_and_exposes_stages(name: str) -> None:
         torch.testing.assert_close(model.head(model.prehead(x)), model(x))
 
 
-@pytest.mark.parametrize(("name", "millions"), sorted(PARAMS_M.items()))
-def test_parameter_counts_match_the_zoo(name: str, millions: float) -> None:
+def _count(name: str, args: dict | None = None) -> int:
     with torch.device("meta"):  # counts only: no memory, no init
-        model = build_model(name, num_classes=100, in_channels=3)
-    count = sum(p.numel() for p in model.parameters()) / 1e6
-    assert count == pytest.approx(millions, rel=0.01)
+        model = build_model(name, num_classes=100, in_channels=3, args=args)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_the_reference_table_covers_the_cifar_zoo() -> None:
+    cifar_zoo = {name for name in ZOO if MODELS.get(name).__module__.split(".")[-1] in
+                 {"cifar_resnet", "wrn", "vgg", "mobilenetv2", "shufflenet"}}
+    assert cifar_zoo == set(REFERENCE)
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_parameter_counts_and_stage_shapes_equal_the_reference(name: str) -> None:
+    params, shapes = REFERENCE[name]
+    assert _count(name) == params
+    with torch.device("meta"):
+        model = build_model(name, num_classes=100, in_channels=3).eval()
+        outputs = model.stage_outputs(torch.empty(2, 3, 32, 32))
+    assert [tuple(o.shape[1:]) for o in outputs] == shapes
+    assert model.stage_channels == [shape[0] for shape in shapes]
+
+
+@pytest.mark.parametrize(("net_size", "params"), sorted(SHUFFLENETV2_SIZES.items()))
+def test_shufflenetv2_net_sizes_equal_the_reference(net_size: float, params: int) -> None:
+    assert _count("shufflenetv2", {"net_size": net_size}) == params
+
+
+@pytest.mark.parametrize("name", ["shufflenetv1", "shufflenetv2", "shufflenetv2_1_5"])
+def test_shufflenet_stems_are_1x1_convs(name: str) -> None:
+    with torch.device("meta"):
+        stem = build_model(name, num_classes=100, in_channels=3).stem
+    (conv,) = [m for m in stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.out_channels == 24
+
+
+def _family(name: str) -> str:
+    return next(family for family in ("resnet", "wrn", "vgg", "mobilenetv2", "shufflenet") if name.startswith(family))
+
+
+def _fan(weight: torch.Tensor) -> tuple[int, int]:
+    receptive = weight[0, 0].numel()
+    return weight.shape[1] * receptive, weight.shape[0] * receptive  # fan_in, fan_out
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE))
+def test_reference_initialisation(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=100, in_channels=3)
+    modules = list(model.modules())
+    convs = [m for m in modules if isinstance(m, torch.nn.Conv2d)]
+    bns = [m for m in modules if isinstance(m, torch.nn.BatchNorm2d)]
+    (linear,) = [m for m in modules if isinstance(m, torch.nn.Linear)]
+    assert all(torch.equal(bn.weight, torch.ones_like(bn.weight)) and not bn.bias.any() for bn in bns)
+    if _family(name) == "shufflenet":  # the reference sets none: PyTorch's default, bounded by 1/sqrt(fan_in)
+        assert all(c.weight.abs().max() <= _fan(c.weight)[0] ** -0.5 for c in convs)
+        assert linear.bias.any()
+        return
+    # every conv from N(0, 2 / (k*k*out_channels)): scaled to unit variance, all weights together
+    scaled = torch.cat([(c.weight / (2 / _fan(c.weight)[1]) ** 0.5).flatten() for c in convs])
+    assert scaled.mean().abs() < 0.02 and scaled.std().item() == pytest.approx(1.0, abs=0.02)
+    assert all(c.bias is None or not c.bias.any() for c in convs)
+    rule = LINEAR_INIT[_family(name)]
+    bound = linear.in_features ** -0.5  # PyTorch's default: uniform(-bound, bound)
+    if rule == "normal":
+        assert linear.weight.std().item() == pytest.approx(0.01, rel=0.05) and not linear.bias.any()
+    else:
+        assert linear.weight.abs().max() <= bound and linear.weight.std() > 0.5 * bound / 3**0.5
+        assert (rule == "zero_bias") == (not linear.bias.any())
+
+
+@pytest.mark.parametrize("name", ["resnet8", "wrn_16_1", "vgg8", "mobilenetv2_0_5"])
+def test_pytorch_initialisation_is_an_option(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, num_classes=100, in_channels=3, args={"init": "pytorch"})
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.abs().max() <= _fan(c.weight)[0] ** -0.5 for c in convs)  # kaiming_uniform(a=sqrt(5))
+    assert model.head.fc.bias.any()
+    with pytest.raises(ValueError, match="init must be one of reference, pytorch"):
+        build_model(name, num_classes=100, in_channels=3, args={"init": "xavier"})
 
 
 @pytest.mark.parametrize(

@@ -1,10 +1,12 @@
 """SFTN: student-friendly teacher networks (Park et al., NeurIPS 2021).
 
 Stage 1 ("sftn_teacher") trains the teacher jointly with student branches: after teacher
-stage i (i < N-1) a branch maps the features through a 1x1 conv + BN + ReLU into student
-stages i+1..N-1 and the student's head. The branches' KL to the teacher is not detached, so
-the teacher learns outputs the student can follow. Stage 2 ("sftn") drops the branches and
-distills a fresh student from the frozen SFTN teacher with vanilla KD.
+stage i (i < N-1) a branch transforms the features to the student's stage-i output (the input
+of student stage i+1: its channels and its resolution, see `StudentBranch`) and runs them
+through branch-owned copies of student stages i+1..N-1 and the student's neck and head. The
+branches' KL to the teacher is not detached, so the teacher learns outputs the student can
+follow. Stage 2 ("sftn") drops the branches and distills a fresh student from the frozen SFTN
+teacher with vanilla KD.
 
 No official code was found: the stage-1 weights, tau, the epochs and from-scratch vs
 fine-tune are options (docs/methods.md, sftn).
@@ -18,6 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
@@ -53,7 +56,19 @@ class SFTNTeacherParams(MethodParams):
 
 
 class StudentBranch(nn.Module):
-    """Teacher features after stage i -> transform -> student stages i+1.. -> neck -> head."""
+    """Teacher features after stage i -> transform -> student stages i+1.. -> neck -> head.
+
+    The transform maps the teacher map (N, C_t, H_t, W_t) to the student's stage-i output
+    (N, C_s, H_s, W_s), the input of student stage i+1: adaptive average pooling to (H_s, W_s),
+    then a 1x1 conv + BN + ReLU to C_s channels (the paper's transform layer is the 1x1 conv +
+    BN + ReLU; it matches channels and resolution). Pooling rather than a strided conv because
+    it reads every teacher pixel (a strided 1x1 conv reads one in four: aliasing), adds no
+    parameters, works for any size ratio (teacher and student may differ by 2x, 4x or not at
+    all; equal sizes leave the map untouched), and is what SimKD does to align maps. Should a
+    student map be larger than the teacher's, the pooling repeats pixels (nearest upsampling).
+    Without it, resnet32x4 -> ShuffleV2 branches ran the student stages at 8x8 where the
+    student runs at 4x4.
+    """
 
     def __init__(self, in_channels: int, student: StagedModel, index: int) -> None:
         super().__init__()
@@ -65,11 +80,24 @@ class StudentBranch(nn.Module):
         self.stages = copy.deepcopy(student.stages[index + 1:])
         self.neck, self.head = copy.deepcopy(student.neck), copy.deepcopy(student.head)
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
+    def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Logits (N, num_classes) from teacher features (N, C_t, H_t, W_t), resized to `size`
+        (the student's stage-i output size; None: kept)."""
+        if size is not None and tuple(features.shape[-2:]) != tuple(size):
+            features = F.adaptive_avg_pool2d(features, size)
         x = self.transform(features)
         for stage in self.stages:
             x = stage(x)
         return self.head(self.neck(x))
+
+
+def stage_sizes(arch: dict[str, Any], num_classes: int, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+    """(H, W) of every stage output of architecture `arch` for inputs of `input_shape` (C, H, W),
+    from a meta-device build (no memory, no compute)."""
+    with torch.device("meta"):
+        probe = build_model(arch["name"], num_classes, int(input_shape[0]), arch.get("args", {})).eval()
+        outputs = probe.stage_outputs(torch.empty(1, *input_shape))
+    return [(int(o.shape[-2]), int(o.shape[-1])) for o in outputs]
 
 
 @DISTILLERS.register("sftn_teacher")
@@ -94,6 +122,14 @@ class SFTNTeacherDistiller(Distiller):
         self.branches = nn.ModuleList(
             StudentBranch(student.stage_channels[i], template, i) for i in range(len(student.stages) - 1)
         )
+        self._sizes: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # input shape -> student stage sizes
+
+    def student_sizes(self, input_shape: Sequence[int]) -> list[tuple[int, int]]:
+        """The student's stage output sizes for inputs of `input_shape` (C, H, W), found once per shape."""
+        key = tuple(int(d) for d in input_shape)
+        if key not in self._sizes:
+            self._sizes[key] = stage_sizes(self.params.student_arch, self.student.num_classes, key)
+        return self._sizes[key]
 
     @classmethod
     def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
@@ -108,7 +144,8 @@ class SFTNTeacherDistiller(Distiller):
         p, teacher = self.params, self.student
         features = teacher.stage_outputs(images)
         logits = teacher.head(teacher.neck(features[-1]))
-        branch_logits = [branch(f) for branch, f in zip(self.branches, features[:-1], strict=True)]
+        sizes = self.student_sizes(images.shape[1:])[:-1]  # student stage i's output, for branch i
+        branch_logits = [branch(f, size) for branch, f, size in zip(self.branches, features[:-1], sizes, strict=True)]
         return logits, {
             "t_ce": cross_entropy(logits, labels),
             "r_ce": torch.stack([cross_entropy(z, labels) for z in branch_logits]).sum(),
@@ -130,7 +167,7 @@ class SFTNParams(KDParams):
     stage1_w_rce: float = 1.0
     stage1_w_rkl: float = 3.0
     stage1_tau: float = 1.0
-    stage1_epochs: int | None = None  # None: the teacher recipe's epochs
+    stage1_epochs: int | None = None  # None: the teacher recipe's epochs (the student's for a pretrained teacher)
     finetune: bool = False  # stage 1 fine-tunes the trained CE teacher instead of starting from scratch
 
     def validate(self) -> None:
@@ -160,9 +197,10 @@ class SFTNDistiller(KDDistiller):
             student_arch=plan.student_arch, w_t_ce=float(fixed.stage1_w_t), w_r_ce=float(fixed.stage1_w_rce),
             w_r_kl=float(fixed.stage1_w_rkl), tau=float(fixed.stage1_tau), finetune=bool(fixed.finetune),
         )
-        epochs = fixed.stage1_epochs or teacher.recipe["epochs"]
+        recipe = plan.teacher_recipe  # a pretrained teacher has none: the plan's
+        epochs = fixed.stage1_epochs or recipe["epochs"]
         return [plan.stage(
             "sftn_teacher", teacher.arch, "sftn_teacher", dataclasses.asdict(stage1),  # every field: defaults count
-            parents=(teacher,) if stage1.finetune else (), recipe={**teacher.recipe, "epochs": int(epochs)},
+            parents=(teacher,) if stage1.finetune else (), recipe={**recipe, "epochs": int(epochs)},
             seed=teacher.seed,
         )]

@@ -1,13 +1,24 @@
-"""SimKD: KD with the reused teacher classifier (Chen et al., CVPR 2022).
+"""SimKD: KD with the reused teacher classifier (Chen et al., CVPR 2022; official code
+DefangChen/SimKD, models/util.py `SimKD` and train_student.py).
 
-A projector maps the student's pre-head map to the teacher's; the only default loss is the
-MSE between them, and predictions come from the frozen teacher head applied to the
-projection. The deployable is encoder + projector + teacher head (the student's own head
-is never used).
+f_s and f_t are each network's last-stage output (the official `feat[-2]`), (N, C, H, W):
+after a neck that keeps the channel count (WRN's final BN + ReLU, what its classifier reads)
+and before one that changes it (MobileNetV2's and ShuffleNetV2's final 1x1 conv + BN + ReLU).
+A projector P (1x1, 3x3, 1x1 bias-free convs, each BN + ReLU; C_s -> C_t/r -> C_t/r -> C_t) maps
+f_s to f_t's channels; if the spatial sizes differ, the larger map is average-pooled to the
+smaller. The only default loss is MSE(P(f_s), f_t); predictions come from the reused teacher
+classifier (the teacher's channel-changing neck if it has one, then pool + FC, frozen) applied
+to P(f_s). The deployable is encoder + projector + reused classifier (the student's own head,
+and its channel-changing neck, are never used).
+
+Deviations from the official code: it reads RepDistiller's WRN feat[-2] before the final
+BN + ReLU (we read what the classifier reads, docs/methods.md), and its reused classifier is
+the teacher's FC alone (its teachers have no channel-changing neck; ours may).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 
@@ -54,12 +65,33 @@ def align(student_map: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return student_map
 
 
-class Encoder(nn.Module):
-    """A staged model without its head: the map its classifier would read."""
+def neck_changes_channels(model: StagedModel) -> bool:
+    """Whether `model.neck` changes the channel count of the last stage's output (MobileNetV2's
+    and ShuffleNetV2's final 1x1 conv + BN + ReLU) rather than only transforming it (WRN's final
+    BN + ReLU, an identity). Found by running a meta-device copy of the neck: no memory, no
+    compute, and no family has to declare it."""
+    channels = model.stage_channels[-1]
+    neck = copy.deepcopy(model.neck).to("meta").eval()
+    with torch.no_grad():
+        return neck(torch.empty(2, channels, 2, 2, device="meta")).shape[1] != channels
 
-    def __init__(self, model: StagedModel) -> None:
+
+def feature_map(model: StagedModel, with_neck: bool, images: torch.Tensor) -> torch.Tensor:
+    """SimKD's f of `model`, (N, C_last, H, W): stem and stages, then the neck if `with_neck`."""
+    x = model.stem(images)
+    for stage in model.stages:
+        x = stage(x)
+    return model.neck(x) if with_neck else x
+
+
+class Encoder(nn.Module):
+    """A staged model up to SimKD's feature map: stem and stages, plus its neck only when the
+    neck keeps the channel count (a channel-changing neck is dropped with the student's head)."""
+
+    def __init__(self, model: StagedModel, with_neck: bool) -> None:
         super().__init__()
-        self.stem, self.stages, self.neck = model.stem, model.stages, model.neck
+        self.stem, self.stages = model.stem, model.stages
+        self.neck = model.neck if with_neck else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -69,23 +101,45 @@ class Encoder(nn.Module):
 
 
 class SimKDStudent(nn.Module):
-    """The deployable: student encoder -> (aligned) projector -> teacher head."""
+    """The deployable: student encoder -> (aligned) projector -> reused teacher classifier.
 
-    def __init__(self, encoder: Encoder, projector: nn.Module, teacher_head: nn.Module) -> None:
+    The reused classifier is everything of the teacher after f_t: `teacher_neck` (the teacher's
+    channel-changing neck, or an identity) and `head` (pool + FC). It is frozen and stays in eval
+    mode whatever mode the deployable is put in.
+    """
+
+    def __init__(
+        self, encoder: Encoder, projector: nn.Module, teacher_neck: nn.Module, teacher_head: nn.Module
+    ) -> None:
         super().__init__()
-        self.encoder, self.projector, self.head = encoder, projector, teacher_head
+        self.encoder, self.projector = encoder, projector
+        self.teacher_neck, self.head = teacher_neck, teacher_head
         # The teacher map's spatial size, found on the first training batch; kept in the
         # state dict so the deployed model aligns exactly as in training.
         self.register_buffer("aligned_size", torch.zeros(2, dtype=torch.long))
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(x)
+        """P(f_s), (N, C_t, H, W) for images (N, C_in, H_in, W_in)."""
+        return self.project_features(self.encoder(x))
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """P of an encoder map f_s (N, C_s, H_s, W_s), pooled to the aligned size first if larger."""
         if int(self.aligned_size[0]) > 0:
             features = align(features, (int(self.aligned_size[0]), int(self.aligned_size[1])))
         return self.projector(features)
 
+    def classify(self, projected: torch.Tensor) -> torch.Tensor:
+        """The reused teacher classifier on a projected map: logits (N, num_classes)."""
+        return self.head(self.teacher_neck(projected))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.project(x))
+        return self.classify(self.project(x))
+
+    def train(self, mode: bool = True) -> SimKDStudent:
+        super().train(mode)
+        self.teacher_neck.eval()  # frozen teacher modules: their BN statistics never move
+        self.head.eval()
+        return self
 
 
 @DISTILLERS.register("simkd")
@@ -96,8 +150,13 @@ class SimKDDistiller(Distiller):
         super().__init__(student, sources, params)
         self.expect_sources(1)
         teacher = self.sources[0]
+        # f is read after a neck that keeps the channels (what the classifier reads) and before
+        # one that changes them (the official code's feat[-2]).
+        self.student_neck_in_f = not neck_changes_channels(student)
+        self.teacher_neck_in_f = not neck_changes_channels(teacher)
         self.projector = projector(student.stage_channels[-1], teacher.stage_channels[-1], params.r)
-        self.deploy = SimKDStudent(Encoder(student), self.projector, teacher.head)
+        teacher_neck = nn.Identity() if self.teacher_neck_in_f else teacher.neck
+        self.deploy = SimKDStudent(Encoder(student, self.student_neck_in_f), self.projector, teacher_neck, teacher.head)
 
     @classmethod
     def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
@@ -111,15 +170,15 @@ class SimKDDistiller(Distiller):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         teacher = self.sources[0]
         with torch.no_grad():
-            teacher_map = teacher.prehead(images)  # exactly what the teacher's head reads
-        if int(self.deploy.aligned_size[0]) == 0:
-            student_map = self.deploy.encoder(images[:1])
+            teacher_map = feature_map(teacher, self.teacher_neck_in_f, images)
+        student_map = self.deploy.encoder(images)
+        if int(self.deploy.aligned_size[0]) == 0:  # the first batch fixes the alignment
             size = tuple(min(a, b) for a, b in zip(student_map.shape[-2:], teacher_map.shape[-2:], strict=True))
             self.deploy.aligned_size.copy_(torch.tensor(size))
-        projected = self.deploy.project(images)
+        projected = self.deploy.project_features(student_map)
         if projected.shape[-2:] != teacher_map.shape[-2:]:  # the teacher map is the larger one
             teacher_map = F.adaptive_avg_pool2d(teacher_map, projected.shape[-2:])
-        logits = self.deploy.head(projected)
+        logits = self.deploy.classify(projected)
         return logits, {"feat": F.mse_loss(projected, teacher_map), "ce": cross_entropy(logits, labels)}
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,7 @@ from kd_core.models import (  # noqa: F401  (importing registers the families)
     convnet,
     mobilenetv2,
     shufflenet,
+    timm_models,
     torchvision_models,
     vgg,
     wrn,

@@ -2,7 +2,8 @@
 
 resnet8..resnet110 and the x4 variants: a 3x3 conv stem and three groups of basic blocks
 (depth = 6n + 2); resnet50: bottleneck blocks [3, 4, 6, 3] behind a 3x3 stride-1 stem and
-no max-pool. Stages are the block groups.
+no max-pool. Stages are the block groups. Initialisation: the reference's (convs Kaiming
+normal, fan-out; BN 1/0; Linear PyTorch's default) or `init="pytorch"` (initialization.py).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import torch
 from torch import nn
 
 from kd_core.models.base import Head, StagedModel
+from kd_core.models.initialization import Init, initialize
 from kd_core.models.registry import MODELS
 
 
@@ -60,7 +62,9 @@ def _stem(in_channels: int, width: int) -> nn.Sequential:
     )
 
 
-def cifar_resnet(depth: int, widths: tuple[int, ...], num_classes: int, in_channels: int = 3) -> StagedModel:
+def cifar_resnet(
+    depth: int, widths: tuple[int, ...], num_classes: int, in_channels: int = 3, init: Init = "reference"
+) -> StagedModel:
     """Basic-block CIFAR ResNet: `widths` = (stem, stage 1, stage 2, stage 3) channels."""
     if (depth - 2) % 6 != 0 or depth < 8:
         raise ValueError(f"a CIFAR ResNet depth must be 6n + 2 with n >= 1, got {depth}")
@@ -74,7 +78,8 @@ def cifar_resnet(depth: int, widths: tuple[int, ...], num_classes: int, in_chann
             blocks.append(BasicBlock(cin, cout, stride if i == 0 else 1))
             cin = cout
         stages.append(nn.Sequential(*blocks))
-    return StagedModel(_stem(in_channels, widths[0]), stages, Head(widths[-1], num_classes), list(widths[1:]))
+    model = StagedModel(_stem(in_channels, widths[0]), stages, Head(widths[-1], num_classes), list(widths[1:]))
+    return initialize(model, init)
 
 
 # name -> (depth, (stem, stage widths)), as in the zoo
@@ -87,8 +92,8 @@ _CIFAR_RESNETS: dict[str, tuple[int, tuple[int, ...]]] = {
 
 def _register_cifar_resnet(name: str, depth: int, widths: tuple[int, ...]) -> None:
     # a real function (not a partial) per name, so the spec validator can read its type hints
-    def factory(num_classes: int, in_channels: int = 3) -> StagedModel:
-        return cifar_resnet(depth, widths, num_classes, in_channels)
+    def factory(num_classes: int, in_channels: int = 3, init: Init = "reference") -> StagedModel:
+        return cifar_resnet(depth, widths, num_classes, in_channels, init)
 
     factory.__name__ = factory.__qualname__ = name
     factory.__doc__ = f"CIFAR ResNet-{depth}, stem {widths[0]} and stage widths {widths[1:]}."
@@ -100,7 +105,7 @@ for _name, (_depth, _widths) in _CIFAR_RESNETS.items():
 
 
 @MODELS.register("resnet50")
-def resnet50(num_classes: int, in_channels: int = 3) -> StagedModel:
+def resnet50(num_classes: int, in_channels: int = 3, init: Init = "reference") -> StagedModel:
     """Bottleneck ResNet-50 for CIFAR: 3x3 stride-1 stem, no max-pool, 4 stages."""
     stages = []
     cin = 64
@@ -112,4 +117,4 @@ def resnet50(num_classes: int, in_channels: int = 3) -> StagedModel:
             cin = planes * Bottleneck.expansion
         stages.append(nn.Sequential(*layers))
     channels = [p * Bottleneck.expansion for p in (64, 128, 256, 512)]
-    return StagedModel(_stem(in_channels, 64), stages, Head(channels[-1], num_classes), channels)
+    return initialize(StagedModel(_stem(in_channels, 64), stages, Head(channels[-1], num_classes), channels), init)

@@ -2,7 +2,9 @@
 
 The stem conv has stride 2 and the block strides are adapted to 32x32 inputs (16, 8, 4
 and 2 pixels wide stages). The final 1x1 conv to 1280 channels is not a resolution group:
-it lives in `neck`, so stages end where the zoo taps its features.
+it lives in `neck`, so stages end where the zoo taps its features. Initialisation: the
+reference's (convs N(0, 2/(k*k*out)); BN 1/0; Linear N(0, 0.01^2), bias 0) or `init="pytorch"`
+(initialization.py).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import torch
 from torch import nn
 
 from kd_core.models.base import Head, StagedModel
+from kd_core.models.initialization import Init, initialize
 from kd_core.models.registry import MODELS
 
 EXPANSION = 6
@@ -54,7 +57,9 @@ class InvertedResidual(nn.Module):
 
 
 @MODELS.register("mobilenetv2")
-def mobilenetv2(num_classes: int, in_channels: int = 3, width_mult: float = 1.0) -> StagedModel:
+def mobilenetv2(
+    num_classes: int, in_channels: int = 3, width_mult: float = 1.0, init: Init = "reference"
+) -> StagedModel:
     """CIFAR MobileNetV2; `width_mult` scales every width but the final 1280 (unless > 1)."""
     if int(16 * width_mult) < 1:
         raise ValueError(f"width_mult must be at least 1/16, got {width_mult}")
@@ -72,10 +77,11 @@ def mobilenetv2(num_classes: int, in_channels: int = 3, width_mult: float = 1.0)
     stage_channels = [int(_SETTINGS[members[-1]][1] * width_mult) for members in _STAGE_GROUPS]
     last_channels = int(1280 * width_mult) if width_mult > 1.0 else 1280
     neck = nn.Sequential(*_conv_bn_relu(cin, last_channels, 1))
-    return StagedModel(stem, stages, Head(last_channels, num_classes), stage_channels, neck=neck)
+    model = StagedModel(stem, stages, Head(last_channels, num_classes), stage_channels, neck=neck)
+    return initialize(model, init, linear="normal")
 
 
 @MODELS.register("mobilenetv2_0_5")
-def mobilenetv2_0_5(num_classes: int, in_channels: int = 3) -> StagedModel:
+def mobilenetv2_0_5(num_classes: int, in_channels: int = 3, init: Init = "reference") -> StagedModel:
     """The zoo's MobileNetV2 student: width 0.5."""
-    return mobilenetv2(num_classes, in_channels, width_mult=0.5)
+    return mobilenetv2(num_classes, in_channels, width_mult=0.5, init=init)

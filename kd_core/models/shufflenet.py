@@ -1,7 +1,9 @@
 """ShuffleNet V1 and V2 of the CRD/RepDistiller KD benchmark zoo (CIFAR variants, 32x32).
 
-Three stages, each opening with a stride-2 block (16, 8 and 4 pixels wide). V2's final 1x1
-conv is not a resolution group: it lives in `neck`, so stages end where the zoo taps features.
+Three stages, each opening with a stride-2 block (16, 8 and 4 pixels wide), behind a 1x1
+conv stem (24 channels, stride 1). V2's final 1x1 conv is not a resolution group: it lives in
+`neck`, so stages end where the zoo taps features. The reference sets no initialisation for
+either net (PyTorch's default), so they take no `init` argument (initialization.py).
 """
 
 from __future__ import annotations
@@ -108,25 +110,28 @@ class ShuffleV2DownBlock(nn.Module):
         return channel_shuffle(torch.cat([self.left(x), self.right(x)], 1), 2)
 
 
-# net size -> (stage widths, final conv width)
-_V2_SIZES: dict[float, tuple[tuple[int, int, int], int]] = {
-    0.5: ((48, 96, 192), 1024),
-    1.0: ((116, 232, 464), 1024),
-    1.5: ((176, 352, 704), 1024),
-    2.0: ((244, 488, 976), 2048),
+# net size -> (stage widths, final conv width, basic blocks per stage), as the reference's
+# `configs` (its 2.0 opens with 224 channels where the ShuffleNetV2 paper has 244: kept as is)
+_V2_SIZES: dict[float, tuple[tuple[int, int, int], int, tuple[int, int, int]]] = {
+    0.2: ((40, 80, 160), 512, (3, 3, 3)),
+    0.3: ((40, 80, 160), 512, (3, 7, 3)),
+    0.5: ((48, 96, 192), 1024, (3, 7, 3)),
+    1.0: ((116, 232, 464), 1024, (3, 7, 3)),
+    1.5: ((176, 352, 704), 1024, (3, 7, 3)),
+    2.0: ((224, 488, 976), 2048, (3, 7, 3)),
 }
 
 
 @MODELS.register("shufflenetv2")
 def shufflenetv2(num_classes: int, in_channels: int = 3, net_size: float = 1.0) -> StagedModel:
-    """The zoo's ShuffleV2: a 3x3 stride-1 stem, 3 stages of 1 down + 3/7/3 basic blocks, 1x1 conv."""
+    """The zoo's ShuffleV2: a 1x1 stem, 3 stages of 1 down + 3/7/3 basic blocks, a 1x1 conv neck."""
     if net_size not in _V2_SIZES:
         raise ValueError(f"net_size must be one of {sorted(_V2_SIZES)}, got {net_size}")
-    channels, last_channels = _V2_SIZES[net_size]
-    stem = nn.Sequential(_bn_conv(in_channels, 24, 3), nn.ReLU(inplace=True))
+    channels, last_channels, block_counts = _V2_SIZES[net_size]
+    stem = nn.Sequential(_bn_conv(in_channels, 24, 1), nn.ReLU(inplace=True))
     stages = []
     cin = 24
-    for cout, blocks in zip(channels, (3, 7, 3), strict=True):
+    for cout, blocks in zip(channels, block_counts, strict=True):
         stages.append(nn.Sequential(ShuffleV2DownBlock(cin, cout), *(ShuffleV2Block(cout) for _ in range(blocks))))
         cin = cout
     neck = nn.Sequential(_bn_conv(cin, last_channels, 1), nn.ReLU(inplace=True))

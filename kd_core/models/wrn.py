@@ -2,6 +2,8 @@
 
 Each block computes BN-ReLU-conv twice, so the last stage's output is a raw sum; the final
 BN + ReLU the classifier reads lives in `neck`. Depth = 6n + 4, widths 16k, 32k, 64k.
+Initialisation: the reference's (convs N(0, 2/(k*k*out)); BN 1/0; Linear bias 0) or
+`init="pytorch"` (initialization.py).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import torch
 from torch import nn
 
 from kd_core.models.base import Head, StagedModel
+from kd_core.models.initialization import Init, initialize
 from kd_core.models.registry import MODELS
 
 
@@ -30,7 +33,9 @@ class PreActBlock(nn.Module):
         return out + (x if self.shortcut is None else self.shortcut(activated))
 
 
-def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int = 3) -> StagedModel:
+def wide_resnet(
+    depth: int, widen: int, num_classes: int, in_channels: int = 3, init: Init = "reference"
+) -> StagedModel:
     if (depth - 4) % 6 != 0 or depth < 10:
         raise ValueError(f"a WRN depth must be 6n + 4 with n >= 1, got {depth}")
     if widen < 1:
@@ -48,13 +53,14 @@ def wide_resnet(depth: int, widen: int, num_classes: int, in_channels: int = 3) 
             cin = cout
         stages.append(nn.Sequential(*blocks))
     neck = nn.Sequential(nn.BatchNorm2d(channels[-1]), nn.ReLU(inplace=True))
-    return StagedModel(stem, stages, Head(channels[-1], num_classes), channels, neck=neck)
+    model = StagedModel(stem, stages, Head(channels[-1], num_classes), channels, neck=neck)
+    return initialize(model, init, linear="zero_bias")
 
 
 def _register_wrn(depth: int, widen: int) -> None:
     # a real function (not a partial) per name, so the spec validator can read its type hints
-    def factory(num_classes: int, in_channels: int = 3) -> StagedModel:
-        return wide_resnet(depth, widen, num_classes, in_channels)
+    def factory(num_classes: int, in_channels: int = 3, init: Init = "reference") -> StagedModel:
+        return wide_resnet(depth, widen, num_classes, in_channels, init)
 
     name = f"wrn_{depth}_{widen}"
     factory.__name__ = factory.__qualname__ = name

@@ -25,7 +25,9 @@ from sweeps.cli.app import (
     with_overrides,
 )
 from sweeps.cli.render import print_job, print_log_chunk
+from sweeps.pretrained import pin_teacher
 from sweeps.spec import SpecError, load_spec
+from sweeps.tracking import Tracker
 
 
 def job_client(address: str | None, cluster_dir: Path) -> Any:
@@ -74,19 +76,27 @@ def submit(
     cluster_dir: ClusterDir = DEFAULT_CLUSTER_DIR,
 ) -> None:
     """Run a sweep as a Ray job on a cluster: `kdsweep run` on the head, trials on every node."""
-    spec = with_overrides(load_spec(spec_path), name, num_trials, max_concurrent)  # applied on the cluster
+    found = state.find_local(address, cluster_dir)
+
+    def job_tracking_uri() -> str:
+        uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (found.tracking_uri if found else None)
+        if uri is None:
+            raise SpecError("no tracking server: pass --tracking-uri http://HOST:PORT (one every node reaches)")
+        return jobs.check_tracking_uri(uri)
+
+    # A model_uri teacher is resolved where the job's trials will log; the overrides are
+    # checked here and applied again on the cluster.
+    spec = with_overrides(load_spec(spec_path, lambda s: pin_teacher(s, Tracker(job_tracking_uri()))
+                                    if s.teacher and s.teacher.model_uri else s), name, num_trials, max_concurrent)
     if not working_dir.is_dir():
         raise SpecError(f"--working-dir {working_dir}: not a directory")
     if address is not None:
         jobs.check_address(address)
-    found = state.find_local(address, cluster_dir)
-    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or (found.tracking_uri if found else None)
-    if uri is None:
-        raise SpecError("no tracking server: pass --tracking-uri http://HOST:PORT (one every node reaches)")
+    uri = job_tracking_uri()
     root = storage or (found.storage if found else None)
     if root is None:
         raise SpecError("no storage: pass --storage PATH (a shared filesystem path every node mounts)")
-    uri, root = jobs.check_tracking_uri(uri), jobs.check_storage(root)
+    root = jobs.check_storage(root)
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # as `kdsweep run` names sweeps
 
     client = job_client(address, cluster_dir)

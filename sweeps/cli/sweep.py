@@ -22,7 +22,8 @@ from sweeps.cli.app import (
     with_overrides,
 )
 from sweeps.cli.render import print_outcome
-from sweeps.spec import SpecError, load_spec
+from sweeps.pretrained import pin_teacher
+from sweeps.spec import SpecError, SweepSpec, load_spec
 
 
 @app.command()
@@ -38,7 +39,7 @@ def run(
         help="Storage root: Tune experiments, stage store, studies, exports.")] = Path("kdsweep_storage"),
 ) -> None:
     """Run a sweep and print the best trial beside the CE-only student."""
-    spec = with_overrides(load_spec(spec_path), name, num_trials, max_concurrent)
+    spec = with_overrides(load_spec(spec_path, lambda s: _pin(s, tracking_uri)), name, num_trials, max_concurrent)
     if storage.exists() and not storage.is_dir():
         raise SpecError(f"--storage {storage}: not a directory")
     tracker = open_tracker(tracking_uri)
@@ -61,6 +62,14 @@ def resume(
     runner = _runner(address)
     context = runner.resumable(name, tracker)  # before Ray starts
     _in_ray_session(address, lambda: runner.resume_sweep(context, console=err))
+
+
+def _pin(spec: SweepSpec, tracking_uri: str | None) -> SweepSpec:
+    """A model_uri teacher resolved in the tracking store (opened only then: a spec without one
+    writes nothing before it is valid)."""
+    if spec.teacher is None or spec.teacher.model_uri is None:
+        return spec
+    return pin_teacher(spec, open_tracker(tracking_uri, reading=True))
 
 
 def _runner(address: str | None) -> ModuleType:

@@ -8,7 +8,7 @@ the validated spec object and call only `load_plugins`.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +17,10 @@ from pydantic import ValidationError
 
 from sweeps.spec.checks import check_spec
 from sweeps.spec.coerce import SpecError, dataclass_from_dict, factory_args, format_errors
-from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSettings, SweepSpec
+from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSpec
+from sweeps.spec.settings import SweepSettings
+
+Resolver = Callable[[SweepSpec], SweepSpec]
 
 __all__ = ["NAME_PATTERN", "ArchSpec", "ParamSpec", "SpecError", "SweepSettings", "SweepSpec",
            "dataclass_from_dict", "factory_args", "load_plugins", "load_spec", "parse_spec"]
@@ -35,8 +38,12 @@ def load_plugins(modules: Iterable[str]) -> None:
             raise ValueError(f"plugins: cannot import plugin {module!r}: {error}") from None
 
 
-def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
-    """A validated spec from parsed YAML; raises SpecError listing every problem found."""
+def parse_spec(data: Any, source: str = "spec", resolve: Resolver | None = None) -> SweepSpec:
+    """A validated spec from parsed YAML; raises SpecError listing every problem found.
+
+    `resolve` runs between the schema and the cross-field checks, for what needs the outside
+    world (a `model_uri` teacher resolved in MLflow: `sweeps.pretrained.pin_teacher`).
+    """
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a sweep spec must be a YAML mapping")
     try:
@@ -45,6 +52,8 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
             raise ValueError("plugins: a list of module names")
         load_plugins(plugins)
         spec = SweepSpec.model_validate(data)
+        if resolve is not None:
+            spec = resolve(spec)
         check_spec(spec)
     except ValidationError as error:
         raise SpecError(f"invalid sweep spec {source}:\n  " + format_errors(error).replace("\n", "\n  ")) from None
@@ -53,7 +62,7 @@ def parse_spec(data: Any, source: str = "spec") -> SweepSpec:
     return spec
 
 
-def load_spec(path: str | Path) -> SweepSpec:
+def load_spec(path: str | Path, resolve: Resolver | None = None) -> SweepSpec:
     """`parse_spec` of a YAML file; raises SpecError for a missing file or invalid YAML."""
     path = Path(path)
     if not path.is_file():
@@ -62,4 +71,4 @@ def load_spec(path: str | Path) -> SweepSpec:
         data = yaml.safe_load(path.read_text())
     except yaml.YAMLError as error:
         raise SpecError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(data, str(path))
+    return parse_spec(data, str(path), resolve)

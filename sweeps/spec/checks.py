@@ -6,7 +6,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from kd_core.checkpoints import CheckpointError, load_weights, read_state_dict
+from kd_core.data import DATASETS
 from kd_core.distillers import DISTILLERS, Distiller
+from kd_core.models import build_model
 from sweeps.sources import source_plan
 from sweeps.spec.coerce import dataclass_from_dict
 from sweeps.spec.schema import SEARCH_PREFIXES, ParamSpec, SweepSpec, arch_args, param_names
@@ -22,6 +25,7 @@ def check_spec(spec: SweepSpec) -> None:
     check_search_space(spec)
     check_sources(spec)
     check_initial_points(spec)
+    check_pretrained(spec)
 
 
 def check_method_choices(spec: SweepSpec) -> None:
@@ -150,3 +154,31 @@ def _check_values(where: str, param: ParamSpec, build: Any) -> None:
             build(value)
         except ValueError as error:
             raise ValueError(f"{where}: value {value!r} is invalid: {error}") from None
+
+
+def check_pretrained(spec: SweepSpec) -> None:
+    """A teacher checkpoint, a resolved teacher model and a student's init weights each fit their
+    architecture on the spec's data (class count, input channels, every key and shape). Builds
+    the dataset once, only when there are such weights."""
+    teacher, student = spec.teacher, spec.student
+    files = [(f"teacher.checkpoint {teacher.checkpoint}", teacher.arch, teacher.checkpoint, teacher.checkpoint_key,
+              False)] if teacher and teacher.checkpoint else []
+    if student.init_checkpoint:
+        files.append((f"student.init_checkpoint {student.init_checkpoint}", student.arch, student.init_checkpoint,
+                      student.checkpoint_key, True))
+    resolved = teacher.resolved if teacher else None
+    if not files and not resolved:
+        return
+    try:
+        data = DATASETS.get(spec.data.name)(**spec.data.args)
+    except (OSError, ValueError) as error:
+        raise ValueError(f"data: {error}") from None
+    if resolved and int(resolved["num_classes"]) != data.num_classes:
+        raise ValueError(f"teacher.model_uri {teacher.model_uri}: the model has {resolved['num_classes']} classes, "
+                         f"the data {data.num_classes}")
+    for where, arch, path, key, new_head in files:
+        model = build_model(arch.name, data.num_classes, data.in_channels, arch.args)
+        try:
+            load_weights(model, read_state_dict(path, key), where, new_head=new_head)
+        except CheckpointError as error:
+            raise ValueError(str(error)) from None

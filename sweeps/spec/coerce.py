@@ -7,11 +7,17 @@ import inspect
 import typing
 from typing import Any
 
-from pydantic import TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 
 class SpecError(ValueError):
     """A user error in a sweep spec or argument; the message names the problem."""
+
+
+class Strict(BaseModel):
+    """A spec block: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 def dataclass_from_dict(cls: type, values: dict[str, Any]) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -16,7 +17,8 @@ from kd_core.distillers import DISTILLERS
 from kd_core.models import MODELS
 from kd_core.recipes import RECIPES, Recipe
 from kd_core.registry import Registry
-from sweeps.spec.coerce import dataclass_from_dict, factory_args
+from sweeps.spec.coerce import Strict, dataclass_from_dict, factory_args
+from sweeps.spec.settings import SweepSettings
 
 SEARCH_PREFIXES = ("method.", "recipe.", "student.args.")
 
@@ -29,10 +31,6 @@ def registered(registry: Registry) -> AfterValidator:
         return name
 
     return AfterValidator(check)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
 
 
 def arch_args(name: str, args: dict[str, Any]) -> dict[str, Any]:
@@ -102,14 +100,70 @@ class MethodSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
 
 
+MODEL_URI_SCHEMES = ("models:/", "runs:/")
+
+
+def absolute_path(path: str | None) -> str | None:
+    """A user's file path made absolute against the current directory: workers run elsewhere."""
+    return str(Path(path).expanduser().resolve()) if path else path
+
+
 class TeacherSpec(Strict):
-    arch: ArchSpec
+    """A teacher the sweep trains (`arch`, `recipe`, `seed`), or a pretrained one, never trained:
+    `arch` + `checkpoint` (a state-dict file), or `model_uri` (a kdsweep sweep's exported
+    student in MLflow: `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/RUN_ID/export`)."""
+
+    arch: ArchSpec | None = None  # with model_uri: taken from the model (must agree when given)
     recipe: RecipeSpec | None = None  # default: the student's recipe
     seed: int = 0
+    checkpoint: str | None = None
+    checkpoint_key: str | None = None  # the key holding the state dict, when not found by itself
+    model_uri: str | None = None
+    #: Filled in when a sweep starts (`sweeps.pretrained.pin_teacher`), kept for resume: the
+    #: model version's run id, artifact path, pinned URI and the weights' content hash.
+    resolved: dict[str, str] | None = None
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        return absolute_path(path)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TeacherSpec:
+        if self.checkpoint and self.model_uri:
+            raise ValueError("give either 'checkpoint' or 'model_uri', not both")
+        if (self.checkpoint or self.model_uri) and self.recipe is not None:
+            raise ValueError("a pretrained teacher (checkpoint or model_uri) is not trained: remove 'recipe'")
+        if self.checkpoint_key is not None and not self.checkpoint:
+            raise ValueError("'checkpoint_key' needs a 'checkpoint'")
+        if self.model_uri is None and self.arch is None:
+            raise ValueError("'arch' is required (unless the teacher is a 'model_uri')")
+        if self.model_uri is not None and not self.model_uri.startswith(MODEL_URI_SCHEMES):
+            raise ValueError(f"model_uri {self.model_uri!r}: use models:/NAME@ALIAS, models:/NAME/VERSION "
+                             "or runs:/RUN_ID/export")
+        return self
+
+    @property
+    def pretrained(self) -> bool:
+        return bool(self.checkpoint or self.model_uri)
 
 
 class StudentSpec(Strict):
     arch: ArchSpec
+    #: Initial weights (a state-dict file); a head of another class count is replaced by a new one.
+    init_checkpoint: str | None = None
+    checkpoint_key: str | None = None
+
+    @field_validator("init_checkpoint")
+    @classmethod
+    def _absolute(cls, path: str | None) -> str | None:
+        return absolute_path(path)
+
+    @model_validator(mode="after")
+    def _key_needs_file(self) -> StudentSpec:
+        if self.checkpoint_key is not None and not self.init_checkpoint:
+            raise ValueError("'checkpoint_key' needs an 'init_checkpoint'")
+        return self
 
 
 def param_names(method: str) -> list[str]:
@@ -158,78 +212,6 @@ class ParamSpec(Strict):
             if values.get(path) not in allowed:
                 return False
         return True
-
-
-class SchedulerSpec(Strict):
-    type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(3, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
-
-
-class SamplerSpec(Strict):
-    type: Literal["tpe", "random"] = "tpe"
-    seed: int = 0
-    n_startup_trials: int = Field(6, ge=0)
-    multivariate: bool = True
-    constant_liar: bool = True
-
-
-class ConfirmSpec(Strict):
-    """Re-train the top-k configurations (ranked on val) with `seeds` new seeds each."""
-
-    top_k: int = Field(0, ge=0)  # 0: no confirmation
-    seeds: int = Field(3, ge=1)
-
-
-class TeacherCacheSpec(Strict):
-    """Frozen sources' logits on the training set, computed once per sweep storage and shared
-    by every trial (used only by methods whose sources stay frozen and give only logits)."""
-
-    enabled: bool = True
-    views: int = Field(4, ge=1)  # augmentation views per image (1 when there is no augmentation)
-    dtype: Literal["float16", "float32"] = "float16"
-    seed: int = 0  # draws the views
-
-
-class SweepSettings(Strict):
-    num_trials: int = Field(16, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)  # > 0 trains on CUDA; fractions share a GPU
-    #: CUDA only (CPU trials train in float32 whatever is set here).
-    precision: Literal["float32", "bfloat16", "float16"] = "float32"
-    channels_last: bool = False
-    teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
-    seed: int = 0  # student initialisation and shuffling
-    max_failures: int = Field(0, ge=0)
-    sampler: SamplerSpec = Field(default_factory=SamplerSpec)
-    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
-    confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
-    #: `[accuracy]`, or `[accuracy, params | flops]` for a multi-objective search that also
-    #: minimises the deployed student's cost (reported as a Pareto front).
-    objectives: list[Literal["accuracy", "params", "flops"]] = Field(default_factory=lambda: ["accuracy"])
-    #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
-    initial_points: list[dict[str, Any]] = Field(default_factory=list)
-
-
-    @property
-    def device(self) -> str:
-        return "cuda" if self.gpus_per_trial > 0 else "cpu"
-
-    @property
-    def cost(self) -> str | None:
-        """The cost objective of a multi-objective sweep, else None."""
-        return self.objectives[1] if len(self.objectives) > 1 else None
-
-    @model_validator(mode="after")
-    def _objectives(self) -> SweepSettings:
-        if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2 \
-                or "accuracy" in self.objectives[1:]:
-            raise ValueError("objectives: [accuracy] or [accuracy, params | flops]")
-        if self.cost and self.scheduler.type == "asha":
-            raise ValueError("a multi-objective sweep cannot use ASHA (it stops trials on one metric): "
-                             "set scheduler: {type: none}")
-        return self
 
 
 class TrackingSpec(Strict):
