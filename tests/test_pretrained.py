@@ -139,7 +139,12 @@ def test_a_student_starts_from_its_init_checkpoint(tmp_path, digits, monkeypatch
 
 
 @pytest.mark.parametrize("case", ["classes", "truncated", "payload", "missing", "keys"])
-def test_bad_checkpoints_fail_before_anything_is_written(tmp_path, digits, case) -> None:
+def test_bad_checkpoints_fail_before_anything_is_written(tmp_path, digits, case, monkeypatch) -> None:
+    """In process (the real-process path is the same `user_errors` as tests/test_cli_errors.py's)."""
+    from typer.testing import CliRunner
+
+    from sweeps.cli import app
+
     marker = None
     if case == "classes":
         torch.save(trained_teacher(digits, num_classes=100), tmp_path / "teacher.pt")
@@ -160,8 +165,11 @@ def test_bad_checkpoints_fail_before_anything_is_written(tmp_path, digits, case)
         expected = "shape mismatch"
     write_spec(tmp_path, SPEC)
     before = sorted(p.name for p in tmp_path.iterdir())
-    done = kdsweep(tmp_path, "run", "spec.yaml", timeout=300)
-    assert done.returncode == 2, done.stderr[-3000:]
-    assert expected in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    done = CliRunner().invoke(app, ["run", "spec.yaml"])
+    assert done.exit_code == 2, done.output[-3000:]
+    assert expected in " ".join(done.output.split())
+    assert isinstance(done.exception, SystemExit) and "Traceback" not in done.output  # exit 2, no traceback
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no store, no storage
     assert marker is None or not marker.exists()

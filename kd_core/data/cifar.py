@@ -9,6 +9,7 @@ official test set is the test split.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Annotated
 
@@ -79,9 +80,24 @@ def _load(
             f"in the dataset arguments to download them into root {root!r}, or set `root` to the folder "
             f"that holds {files_class.base_folder}/"
         )
-    train_transform, eval_transform = AUGMENTATIONS.get(augment)(mean, std)
     images, labels = _uint8_split(files_class(root, train=True, download=download))
     test_images, test_labels = _uint8_split(files_class(root, train=False))
+    return uint8_dataset(name, (images, labels), (test_images, test_labels), num_classes, mean, std,
+                         augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset,
+                         input_format="uint8 RGB HWC -> CHW /255")
+
+
+def uint8_dataset(
+    name: str, train_set: tuple[torch.Tensor, torch.Tensor], test_set: tuple[torch.Tensor, torch.Tensor],
+    num_classes: int, mean: Sequence[float], std: Sequence[float], *, augment: str, val_fraction: float,
+    seed: int, train_subset: int | None, input_format: str,
+) -> Dataset:
+    """A device-resident Dataset from uint8 images (N, C, H, W) and labels (N,): val carved from
+    the training set with `seed`, `train_subset` a seeded random part of the rest, the test set
+    as given; batches augmented (`augment`) and normalised (`mean`, `std` per channel) on the
+    device. Raises ValueError when `train_subset` exceeds the training images."""
+    (images, labels), (test_images, test_labels) = train_set, test_set
+    train_transform, eval_transform = AUGMENTATIONS.get(augment)(mean, std)
     train, val = split_off_val(len(labels), val_fraction, seed)
     if train_subset is not None:
         if train_subset > len(train):
@@ -93,9 +109,8 @@ def _load(
         Split(images[val], labels[val], eval_transform),
         Split(test_images, test_labels, eval_transform),
         num_classes=num_classes,
-        in_channels=3,
-        preprocess={"input": "uint8 RGB HWC -> CHW /255", "mean": list(mean), "std": list(std),
-                    "augment": augment},
+        in_channels=images.shape[1],
+        preprocess={"input": input_format, "mean": list(mean), "std": list(std), "augment": augment},
     )
 
 

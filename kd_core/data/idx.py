@@ -21,9 +21,9 @@ import torch
 from annotated_types import Ge, Gt, Lt
 from torchvision.datasets.mnist import read_image_file, read_label_file
 
-from kd_core.data.augment import AUGMENTATIONS, AugmentationName
-from kd_core.data.base import Dataset, Split
-from kd_core.data.cifar import DatasetFilesNotFoundError, split_off_val
+from kd_core.data.augment import AugmentationName
+from kd_core.data.base import Dataset
+from kd_core.data.cifar import DatasetFilesNotFoundError, uint8_dataset
 from kd_core.data.registry import DATASETS
 
 FASHION_MNIST_ROOT = "/usr/share/datasets/fashion-mnist"  # where `apt-get install dataset-fashion-mnist` puts it
@@ -78,23 +78,9 @@ def load_idx(
         if len(x) != len(y):
             raise ValueError(f"{name}: {split} has {len(x)} images but {len(y)} labels in {folder}")
     classes = num_classes or int(max(labels.max(), test_labels.max())) + 1
-    train_transform, eval_transform = AUGMENTATIONS.get(augment)(mean, std)
-    train, val = split_off_val(len(labels), val_fraction, seed)
-    if train_subset is not None:
-        if train_subset > len(train):
-            raise ValueError(f"train_subset {train_subset} exceeds the {len(train)} training images")
-        train = train[:train_subset]  # already shuffled: a seeded random subset; val is unchanged
-    images, test_images = images.unsqueeze(1), test_images.unsqueeze(1)  # (N, 1, H, W)
-    return Dataset(
-        name,
-        Split(images[train], labels[train], train_transform),
-        Split(images[val], labels[val], eval_transform),
-        Split(test_images, test_labels, eval_transform),
-        num_classes=classes,
-        in_channels=1,
-        preprocess={"input": "uint8 grey (N, 1, H, W) /255", "mean": list(mean), "std": list(std),
-                    "augment": augment},
-    )
+    return uint8_dataset(name, (images.unsqueeze(1), labels), (test_images.unsqueeze(1), test_labels), classes,
+                         mean, std, augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset,
+                         input_format="uint8 grey (N, 1, H, W) /255")
 
 
 @DATASETS.register("fashion_mnist")
