@@ -53,7 +53,7 @@ def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed:
     with child_run(
         tracker, context.parent_run_id, role="confirm", key_tag=tags.CONFIRM_KEY, key=f"{trial_id}/seed{seed}",
         name=f"confirm-{trial_id}-seed{seed}", epochs=plan.recipe.epochs,
-        params={**trial_params(context, sampled), "seed": seed}, run_tags={tags.TRIAL_ID: trial_id},
+        params={**trial_params(spec, plan), "seed": seed}, run_tags={tags.TRIAL_ID: trial_id},
     ) as run:
         data = load_dataset(spec.data.model_dump(), device)
         sources = trial_sources(spec, plan, data, context, tracker, device)

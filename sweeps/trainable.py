@@ -26,14 +26,13 @@ from sweeps.pipeline import (
     trial_sources,
     worker_setup,
 )
-from sweeps.space import resolve_trial
+from sweeps.space import TrialPlan, resolve_trial
+from sweeps.spec import SweepSpec
 from sweeps.tracking import Tracker, child_run
 
 
-def trial_params(context: SweepContext, config: dict[str, Any]) -> dict[str, Any]:
+def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
     """The MLflow params of a trial run: method, every method param, arch, recipe, data, seed."""
-    spec = context.spec
-    plan = resolve_trial(spec, config)
     return {"method": plan.method, **plan.param_dict(), **arch_params("arch", plan.student_arch),
             **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
             **({"teacher": spec.teacher.arch.label()} if spec.teacher else {})}
@@ -48,7 +47,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     device = spec.sweep.device
     with child_run(
         tracker, context.parent_run_id, role="trial", key_tag=tags.TRIAL_ID, key=trial_id,
-        name=f"trial-{trial_id}", epochs=plan.recipe.epochs, params=trial_params(context, config),
+        name=f"trial-{trial_id}", epochs=plan.recipe.epochs, params=trial_params(spec, plan),
         run_tags={tags.NODE_IP: ray.util.get_node_ip_address()},
     ) as run:
         data = load_dataset(spec.data.model_dump(), device)
