@@ -1,13 +1,20 @@
 """Method-by-method table: each method's best configuration (selected on val) re-trained with
-several seeds; test accuracy mean and std.
+several seeds; test accuracy mean and std, and the difference from the CE-only baseline with its
+95% confidence interval.
 
 For every method of an all-methods spec, a sweep over that method's own search space runs
 (real Ray Tune + Optuna + MLflow); its best trial by val accuracy is then trained again with
 seeds 0..S-1 (student initialisation and shuffling; teachers and assistants are the stored
-stages). Writes JSON and a markdown table.
+stages), the seeds in parallel as Ray tasks. The difference from `ce` is Welch's two-sample t
+interval (unequal variances) over the seeds' test accuracies; an interval that contains 0 means
+the method is not distinguishable from CE-only at this many seeds. Writes JSON and a markdown table.
 
-    .venv/bin/python benchmarks/method_table.py                      # digits, all methods
-    .venv/bin/python benchmarks/method_table.py --trials 4 --seeds 2 --methods kd dgkd
+    .venv/bin/python benchmarks/method_table.py --spec sweeps/specs/fashion_mnist_all_methods.yaml \
+        --trials 5 --seeds 5                                         # the docs/methods.md table
+    .venv/bin/python benchmarks/method_table.py --trials 4 --seeds 2 --methods ce kd dgkd   # digits
+
+On a GPU: copy the spec, drop `data.train_subset`, set `sweep.gpus_per_trial: 1` (and
+`max_concurrent` to the number of GPUs), raise the epochs, and pass the copy with `--spec`.
 """
 
 from __future__ import annotations
@@ -19,10 +26,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import ray
 from rich.console import Console
+from scipy import stats
 
 from cluster.session import init_ray
-from sweeps.confirm import retrain
+from sweeps.confirm import retrain_task
 from sweeps.pipeline import SweepContext
 from sweeps.runner import WORKER_ENV, run_sweep
 from sweeps.spec import SweepSpec, load_spec
@@ -44,8 +53,27 @@ def method_spec(spec: SweepSpec, method: str, trials: int) -> SweepSpec:
     data.update(name=f"{spec.name}-{method}", search=search)
     data["method"] = {"name": method, "params": spec.fixed_params(method)}
     data["sweep"]["num_trials"] = trials
+    data["sweep"]["confirm"] = {"top_k": 0}  # the seeds below re-train the best configuration
     data["tracking"]["registered_model"] = f"{spec.name}-{method}-student"
     return SweepSpec.model_validate(data)
+
+
+def difference_from(baseline: dict[str, Any] | None, row: dict[str, Any]) -> dict[str, float] | None:
+    """Mean test-accuracy difference `row - baseline` with Welch's 95% t interval (fractions).
+
+    None without a baseline row, for the baseline itself, or with fewer than 2 seeds a side."""
+    if baseline is None or row is baseline or min(len(row["test_accs"]), len(baseline["test_accs"])) < 2:
+        return None
+    test = stats.ttest_ind(row["test_accs"], baseline["test_accs"], equal_var=False)
+    interval = test.confidence_interval(0.95)
+    return {"mean": statistics.mean(row["test_accs"]) - statistics.mean(baseline["test_accs"]),
+            "low": float(interval.low), "high": float(interval.high), "p_value": float(test.pvalue)}
+
+
+def format_difference(diff: dict[str, float] | None) -> str:
+    if diff is None:
+        return "-"
+    return f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
 
 
 def main() -> None:
@@ -74,8 +102,10 @@ def main() -> None:
         outcome = run_sweep(one, name=f"{one.name}-{stamp}", storage=workdir / "storage",
                             tracking_uri=uri, console=console)
         context = SweepContext(outcome.name, one, str(workdir / "storage"), uri, outcome.parent_run_id)
-        accuracies = [retrain(context, outcome.best.trial_id, outcome.best.sampled, seed)["test_acc"]
-                      for seed in range(args.seeds)]
+        task = ray.remote(retrain_task).options(num_cpus=one.sweep.cpus_per_trial, num_gpus=one.sweep.gpus_per_trial)
+        accuracies = [r["test_acc"] for r in ray.get([
+            task.remote(context, outcome.best.trial_id, outcome.best.sampled, seed, one.sweep.device)
+            for seed in range(args.seeds)])]
         rows.append({
             "method": method, "best_config": outcome.best.sampled, "val_acc": outcome.best.metrics["val_acc_best"],
             "test_acc_mean": statistics.mean(accuracies),
@@ -85,10 +115,14 @@ def main() -> None:
         })
         console.print(f"{method}: test {rows[-1]['test_acc_mean']:.4f} ± {rows[-1]['test_acc_std']:.4f}")
 
-    header = (f"| method | test acc, mean ± std ({args.seeds} seeds) | val acc (sweep best) | deployed params "
-              f"| trials | best configuration |\n|---|---|---|---|---|---|\n")
+    baseline = next((r for r in rows if r["method"] == "ce"), None)
+    for r in rows:
+        r["diff_vs_ce"] = difference_from(baseline, r)
+    header = (f"| method | test acc, mean ± std ({args.seeds} seeds) | vs CE-only, 95% CI | val acc (sweep best) "
+              f"| deployed params | trials | best configuration |\n|---|---|---|---|---|---|---|\n")
     lines = [f"| {r['method']} | {100 * r['test_acc_mean']:.2f} ± {100 * r['test_acc_std']:.2f} | "
-             f"{100 * r['val_acc']:.2f} | {r['student_params']} | {r['trials']} | "
+             f"{format_difference(r['diff_vs_ce'])} | {100 * r['val_acc']:.2f} | {r['student_params']} | "
+             f"{r['trials']} | "
              + ", ".join(f"{k.split('.', 1)[1]}={v:.3g}" if isinstance(v, float) else f"{k.split('.', 1)[1]}={v}"
                          for k, v in r["best_config"].items()) + " |" for r in rows]
     table = header + "\n".join(lines) + "\n"

@@ -31,8 +31,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +47,7 @@ from torch import nn
 from kd_core.data.base import Split, SplitLike
 
 CACHE_FILE = "logits.pt"
+LOG = logging.getLogger("kdsweep")
 CacheDtype = Literal["float16", "float32"]
 #: The version of `epoch_draws`, part of every per-epoch cache key: a change to the draws must
 #: never replay logits of other views.
@@ -155,17 +158,34 @@ def compute_logits(
     return torch.cat(chunks)
 
 
+def _load(path: Path) -> dict[str, torch.Tensor] | None:
+    """The tensors at `path`, memory-mapped; None when the file is absent or does not load."""
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    except Exception:  # truncated or overwritten: the caller computes it again
+        return None
+
+
 def _load_or_fill(path: Path, fill: Callable[[], dict[str, torch.Tensor | None]]) -> dict[str, torch.Tensor]:
     """The tensors stored at `path`, memory-mapped; `fill()` computes them first if the file is
-    absent, in one process only (a lock per directory; readers see a complete file or none)."""
-    if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with FileLock(str(path.parent / ".lock")):
-            if not path.exists():  # nobody filled it while we waited
-                handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-                os.close(handle)
-                torch.save(fill(), tmp)
-                os.replace(tmp, path)
+    absent, in one process only (a lock per directory; readers see a complete file or none).
+    A file that does not load is set aside (`<name>.corrupt-<time>`) and computed again."""
+    if (stored := _load(path)) is not None:
+        return stored
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path.parent / ".lock")):
+        if (stored := _load(path)) is not None:  # filled while we waited
+            return stored
+        if path.exists():
+            aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%S')}-{os.getpid()}")
+            os.replace(path, aside)
+            LOG.warning("teacher-output cache file %s did not load: set aside as %s, computing it again", path, aside)
+        handle, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        os.close(handle)
+        torch.save(fill(), tmp)
+        os.replace(tmp, path)
     return torch.load(path, weights_only=True, mmap=True, map_location="cpu")
 
 

@@ -1,10 +1,14 @@
-"""Best student -> files (state dict, TorchScript, metadata), an MLflow logged model
-registered with the alias `champion`, each verified by reloading it and re-evaluating it
-on the test split.
+"""Best student -> files (state dict, TorchScript, metadata) and an MLflow registered model
+version, each verified by reloading it and re-evaluating it on the test split.
+
+A sweep refers to its student by the pinned version (`models:/NAME/VERSION`) everywhere. The
+`champion` alias moves by one rule (`champion_decision`): to a version whose val accuracy beats
+the current champion's on the same data, or when asked (`tracking.champion`, `kdsweep promote`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import warnings
@@ -15,12 +19,16 @@ from typing import Any
 import mlflow
 import mlflow.pytorch
 import torch
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from torch import nn
 
 import kd_core
+from kd_core.checkpoints import sha256_file
 from kd_core.data import Dataset
 from kd_core.train import evaluate
+from sweeps import tags
 from sweeps.tracking import Tracker
 
 STATE_DICT_FILE = "student_state_dict.pt"
@@ -42,10 +50,35 @@ class ExportResult:
     num_params: int
     model_name: str
     model_version: str
+    champion: str = ""  # whether this version took the `champion` alias, and why
 
     @property
     def model_uri(self) -> str:
-        return f"models:/{self.model_name}@{ALIAS}"
+        """The pinned version: it means this student for good, whatever the alias does later."""
+        return f"models:/{self.model_name}/{self.model_version}"
+
+
+def data_key(data_spec: dict[str, Any]) -> str:
+    """What makes two val accuracies comparable: the same dataset spec (name, seed, split fractions...)."""
+    return hashlib.sha256(json.dumps(data_spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def champion_decision(client: MlflowClient, name: str, val_acc: float, data: str, rule: str) -> tuple[bool, str]:
+    """Whether a new version (val accuracy `val_acc` on data `data_key`) takes the `champion` alias
+    of `name`, and why. `rule`: better | always | never (`tracking.champion`)."""
+    if rule != "better":
+        return rule == "always", f"{'promoted' if rule == 'always' else 'not promoted'} (tracking.champion: {rule})"
+    try:
+        current = client.get_model_version_by_alias(name, ALIAS)
+    except MlflowException:
+        return True, f"promoted: the first champion of {name}"
+    theirs, held = current.tags or {}, f"version {current.version} keeps {ALIAS}"
+    if theirs.get(tags.DATA_KEY) != data:
+        return False, f"{held}: it was selected on other data, not comparable (kdsweep promote moves it)"
+    best = float(theirs[tags.VAL_ACC])
+    if val_acc > best:
+        return True, f"promoted: val accuracy {val_acc:.4f} beats version {current.version}'s {best:.4f}"
+    return False, f"{held}: its val accuracy {best:.4f} >= {val_acc:.4f}"
 
 
 def _check(what: str, accuracy: float, expected: float) -> None:
@@ -88,8 +121,10 @@ def export_student(
     parent_run_id: str,
     model_name: str,
     meta: dict[str, Any],
+    champion: str = "better",
 ) -> ExportResult:
-    """Write, log, register and verify the student. `meta` describes how it was made."""
+    """Write, log, register and verify the student; move `champion` by `champion_decision`.
+    `meta` describes how it was made: its sweep, its val accuracy and its data spec among it."""
     model = model.cpu().eval()
     test_acc, num_params = write_student_files(model, data, directory, tracker, parent_run_id, ARTIFACT_DIR, meta)
     example, _ = next(data.test.batches(2))
@@ -107,8 +142,16 @@ def export_student(
             serialization_format="pickle", code_paths=[str(Path(kd_core.__file__).parent)],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
-    version = str(logged.registered_model_version)
-    tracker.client.set_registered_model_alias(model_name, ALIAS, version)
-    reloaded = mlflow.pytorch.load_model(f"models:/{model_name}@{ALIAS}")
+    version, client = str(logged.registered_model_version), tracker.client
+    key = data_key(meta["data"])
+    # Decided before this version is tagged, so that it is never compared with itself.
+    promote, reason = champion_decision(client, model_name, meta["val_acc"], key, champion)
+    for tag, value in {tags.SWEEP: meta["sweep"], tags.VAL_ACC: repr(float(meta["val_acc"])), tags.DATA_KEY: key,
+                       tags.WEIGHTS_SHA256: sha256_file(directory / STATE_DICT_FILE)}.items():
+        client.set_model_version_tag(model_name, version, tag, value)
+    if promote:
+        client.set_registered_model_alias(model_name, ALIAS, version)
+    result = ExportResult(directory, test_acc, num_params, model_name, version, reason)
+    reloaded = mlflow.pytorch.load_model(result.model_uri)  # the pinned version: an alias may move meanwhile
     _check("MLflow model", evaluate(reloaded, data.test)[1], test_acc)
-    return ExportResult(directory, test_acc, num_params, model_name, version)
+    return result

@@ -23,11 +23,10 @@ from sweeps.export import PARETO_DIR, ExportResult, export_student, write_studen
 from sweeps.pipeline import SweepContext, build_distiller, ensure_stage, load_dataset, trial_sources, worker_setup
 from sweeps.plots import log_sweep_plots
 from sweeps.results import METRIC, TrialSummary, best_trial, pareto_front, status_counts
+from sweeps.search import STUDY_FILE
 from sweeps.sources import baseline_stage, teacher_stage
 from sweeps.space import TrialPlan, resolve_trial
 from sweeps.tracking import Tracker
-
-STUDY_FILE = "study.db"  # the Optuna study, in the sweep's storage directory
 
 
 @dataclass(frozen=True)
@@ -82,13 +81,13 @@ def finish_sweep(
         deployable.load_state_dict(state)
         meta = {"sweep": context.name, "trial_id": trial.trial_id, "run_id": trial_runs[trial.trial_id].info.run_id,
                 "method": trial_plan.method, "params": trial_plan.param_dict(), "arch": trial_plan.student_arch,
-                "recipe": trial_plan.recipe.as_dict(), "val_acc": trial.metrics[METRIC]}
+                "recipe": trial_plan.recipe.as_dict(), "val_acc": trial.metrics[METRIC], "data": spec.data.model_dump()}
         return deployable, meta
 
     directory = Path(context.storage) / context.name
     deployable, meta = deployable_of(best)
     export = export_student(deployable, data, directory / "export", tracker, parent_run_id,
-                            spec.registered_model, meta)
+                            spec.registered_model, meta, spec.tracking.champion)
     pareto = _export_pareto(context, trials, deployable_of, data, tracker)
     counts = status_counts(t.status for t in trials)
     tracker.log_metrics(parent_run_id, {
@@ -101,7 +100,7 @@ def finish_sweep(
     }, step=0)
     tracker.set_tags(parent_run_id, {
         tags.BEST_TRIAL_ID: best.trial_id, tags.BEST_RUN_ID: trial_runs[best.trial_id].info.run_id,
-        tags.MODEL_URI: export.model_uri, tags.MODEL_VERSION: export.model_version,
+        tags.MODEL_URI: export.model_uri, tags.MODEL_VERSION: export.model_version, tags.CHAMPION: export.champion,
         tags.BASELINE_RUN_ID: baseline.run_id or "",
         tags.TEACHER_RUN_ID: (teacher.run_id or "") if teacher else "",
     })

@@ -19,7 +19,7 @@ from kd_core.data import DATASETS, Dataset
 from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import StagedModel, build_model
 from kd_core.recipes import Recipe
-from kd_core.stages import StageRecord, StageSpec, StageStore, TrainedStage
+from kd_core.stages import CorruptStageError, StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, evaluate, fit
 from sweeps import tags
 from sweeps.pretrained import initialise
@@ -124,11 +124,13 @@ def fit_options(
     cache, use_cache = settings.teacher_cache, None
     if cache.enabled and sources and distiller.can_cache_sources() and replayable(data.train):
         data_key = json.dumps(data_spec, sort_keys=True)
-        key = (context.storage, tuple(s.record.key for s in sources), data_key, cache.model_dump_json(),
+        key = (context.storage, tuple(s.record.content_key for s in sources), data_key, cache.model_dump_json(),
                str(data.train.labels.device))
         if key not in _caches:  # a reused actor loads it once
-            _caches[key] = build_cache(Path(context.storage) / CACHE_DIR, [(s.record.key, s.model) for s in sources],
-                                       data_key, data.train, views=cache.views, seed=cache.seed, dtype=cache.dtype)
+            # by content: a stage trained again (after damage) gets logits of its new weights
+            named = [(s.record.content_key, s.model) for s in sources]
+            _caches[key] = build_cache(Path(context.storage) / CACHE_DIR, named, data_key, data.train,
+                                       views=cache.views, seed=cache.seed, dtype=cache.dtype)
         use_cache = _caches[key]
     return {"source_cache": use_cache, "precision": settings.precision, "channels_last": settings.channels_last}
 
@@ -187,18 +189,23 @@ def train_stage(
 
 
 def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu") -> Source:
-    """The trained stage and its frozen model on `device`; trains it (parents first) if absent."""
+    """The trained stage and its frozen model on `device`; trains it (parents first) if absent,
+    and again if its stored files are damaged (`kd_core.stages.CorruptStageError` names it)."""
     store = StageStore(context.storage)
-    record = store.get(stage.key)
-    if record is None:
-        parents = [resolve_stage(p, context, tracker, device) for p in stage.parents]
-        record, _ = store.get_or_train(
-            stage, lambda s: train_stage(s, parents, device, tracker, context)
-        )
-    key = (record.key, device)
-    if key not in _models:
-        _models[key] = record.load_model(device)
-    return Source(stage, record, _models[key])
+
+    def train(s: StageSpec) -> TrainedStage:
+        parents = [resolve_stage(p, context, tracker, device) for p in s.parents]
+        return train_stage(s, parents, device, tracker, context)
+
+    record, _ = store.get_or_train(stage, train)
+    if (record.content_key, device) not in _models:  # a stage trained again is a new model
+        try:
+            model = record.load_model(device)
+        except CorruptStageError:  # its hash holds, but its weights do not fit its metadata
+            record, _ = store.get_or_train(stage, train, check_load=True)
+            model = record.load_model(device)
+        _models[(record.content_key, device)] = model
+    return Source(stage, record, _models[(record.content_key, device)])
 
 
 def trial_sources(

@@ -16,6 +16,7 @@ from mlflow.exceptions import MlflowException
 
 from kd_core.checkpoints import CheckpointError, load_weights, read_state_dict, sha256_file
 from kd_core.models import StagedModel, build_model
+from sweeps import tags
 from sweeps.spec import ArchSpec, SweepSpec
 from sweeps.tracking import Tracker
 
@@ -24,11 +25,12 @@ META_FILE = "student.json"
 EXPORT_DIR = "export"
 
 
-def _model_version(uri: str, tracker: Tracker) -> tuple[str, str, str]:
-    """(run id, artifact dir, pinned URI) of `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`."""
+def _model_version(uri: str, tracker: Tracker) -> tuple[str, str, str, str | None]:
+    """(run id, artifact dir, pinned URI, weights hash recorded at registration or None) of
+    `models:/NAME@ALIAS`, `models:/NAME/VERSION` or `runs:/ID/PATH`."""
     if uri.startswith("runs:/"):
         run_id, _, artifact = uri.removeprefix("runs:/").partition("/")
-        return run_id, artifact.strip("/") or EXPORT_DIR, uri
+        return run_id, artifact.strip("/") or EXPORT_DIR, uri, None
     name_part = uri.removeprefix("models:/")
     if "@" in name_part:
         name, alias = name_part.split("@", 1)
@@ -36,7 +38,8 @@ def _model_version(uri: str, tracker: Tracker) -> tuple[str, str, str]:
     else:
         name, _, number = name_part.rpartition("/")
         version = tracker.client.get_model_version(name, number)
-    return version.run_id, EXPORT_DIR, f"models:/{name}/{version.version}"
+    registered = (version.tags or {}).get(tags.WEIGHTS_SHA256)
+    return version.run_id, EXPORT_DIR, f"models:/{name}/{version.version}", registered
 
 
 def _download(run_id: str, path: str, tracker: Tracker, into: str) -> Path:
@@ -53,10 +56,13 @@ def pin_teacher(spec: SweepSpec, tracker: Tracker) -> SweepSpec:
         return spec
     uri = teacher.model_uri
     try:
-        run_id, artifact, pinned = _model_version(uri, tracker)
+        run_id, artifact, pinned, registered = _model_version(uri, tracker)
         with tempfile.TemporaryDirectory() as tmp:
             meta = json.loads(_download(run_id, f"{artifact}/{META_FILE}", tracker, tmp).read_text())
             weights = _download(run_id, f"{artifact}/{STATE_FILE}", tracker, tmp)
+            if registered and sha256_file(weights) != registered:  # the run's export/ was written again
+                raise ValueError(f"teacher.model_uri {uri!r}: the files of {pinned} in run {run_id} are not "
+                                 "the ones registered with it (the run exported another student since)")
             arch = ArchSpec.model_validate(meta["arch"])
             if teacher.arch is not None and teacher.arch.model_dump() != arch.model_dump():
                 raise ValueError(f"teacher.arch {teacher.arch.label()} differs from the model's {arch.label()}")

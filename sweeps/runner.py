@@ -16,26 +16,28 @@ import ray
 import yaml
 from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-from ray.tune.search.optuna import OptunaSearch
 from rich.console import Console
 
 from sweeps import tags
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.finish import SweepOutcome, finish_sweep, study_storage
+from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption
 from sweeps.pipeline import SweepContext
+from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, StudySearch, prune_checkpoints
 from sweeps.results import METRIC, SweepFailedError, TrialSummary, summarize
+from sweeps.search import SweepSearch, check_search_state
 from sweeps.space import SearchSpace
 from sweeps.spec import SpecError, SweepSpec, load_spec
 from sweeps.tracking import Tracker
 from sweeps.trainable import train_trial
 
-__all__ = ["WORKER_ENV", "SweepFailedError", "SweepOutcome", "check_new_sweep", "default_sweep_name", "resumable",
-           "resume_sweep", "run_sweep"]
+__all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "check_new_sweep", "default_sweep_name",
+           "resumable", "resume_sweep", "run_sweep"]
 
 SPEC_FILE = "spec.yaml"  # the validated spec, in the sweep's storage directory: what `resume` restarts from
 
-# Tune's own console output is replaced by LiveProgress. The snapshot warning fires on
-# every per-epoch checkpoint with num_to_keep=1, which is intended here.
+# Tune's own console output is replaced by LiveProgress; its warning about frequent experiment
+# snapshots is not for us (they follow per-epoch checkpoints by design).
 QUIET_TUNE = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
@@ -112,7 +114,9 @@ def run_sweep(
 def resumable(name: str, tracker: Tracker) -> SweepContext:
     """The context of an unfinished sweep that can be resumed; SpecError says why not.
 
-    Needs no Ray: the command line checks this before starting it.
+    A sweep resumes only in the folder it was created in (a copy elsewhere is never written):
+    Ray 2.60 pickles that absolute path into its search-generator state, and trials it creates
+    after a restore would be written there. Needs no Ray: the command line checks this first.
     """
     runs = [r for r in tracker.find_sweeps(name) if r.data.tags.get(tags.SWEEP) == name]
     if not runs:
@@ -122,17 +126,23 @@ def resumable(name: str, tracker: Tracker) -> SweepContext:
         raise SpecError(f"sweep {name!r} has already finished; nothing to resume")
     storage = Path(parent.data.tags[tags.STORAGE])
     experiment_dir = storage / name
+    if not experiment_dir.is_dir():
+        raise SpecError(f"sweep {name!r} cannot be resumed: its folder {experiment_dir} is gone; a sweep "
+                        "resumes only where it was created (Ray records that path): move the folder back")
     if not (experiment_dir / SPEC_FILE).exists() or not tune.Tuner.can_restore(str(experiment_dir)):
         raise SpecError(f"sweep {name!r} cannot be resumed: no Tune experiment state in {experiment_dir}")
+    check_search_state(experiment_dir)  # a damaged snapshot fails here, not minutes later inside Ray
     return SweepContext(name, load_spec(experiment_dir / SPEC_FILE), str(storage), tracker.uri, parent.info.run_id)
 
 
 def resume_sweep(context: SweepContext, *, console: Console | None = None) -> SweepOutcome:
-    """Continue a sweep whose driver died (`resumable`): the Tune experiment (errored trials
-    too) and the Optuna study are restored; trial runs are reopened by trial id."""
+    """Continue a sweep that was interrupted or whose driver died (`resumable`): the Tune
+    experiment (errored trials too), the scheduler's rungs and the Optuna study are restored;
+    trial runs are reopened by trial id."""
     _quiet_driver()
     tracker = Tracker(context.tracking_uri)
-    tracker.client.update_run(context.parent_run_id, status="RUNNING")
+    tracker.reopen(context.parent_run_id)
+    clear_interruption(Path(context.storage) / context.name)
     return _drive(context, tracker, console or Console(stderr=True), restore=True)
 
 
@@ -143,55 +153,84 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
         tune.with_parameters(train_trial, context=context), {"cpu": spec.sweep.cpus_per_trial}
     )
     if restore:
-        # The searcher, scheduler and callbacks come back from the experiment's snapshot.
-        return tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
-    searcher = OptunaSearch(
-        space=SearchSpace(spec), sampler=_sampler(spec),
+        tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
+        # Tuner.restore unpickles the searcher, scheduler and callbacks from tuner.pkl as they
+        # were at the start (Ray has no public handle on them). Tune restores the searcher's
+        # state, and SchedulerState the scheduler's, from the snapshot; paths are the current ones.
+        config, run_config = tuner._local_tuner._tune_config, tuner._local_tuner.get_run_config()
+        config.search_alg.reopen(study_storage(context))
+        run_config.callbacks = _callbacks(context, tracker, console, config.scheduler)
+        return tuner
+    searcher = SweepSearch(
+        epochs=epochs, space=SearchSpace(spec), sampler=_sampler(spec),
         **({"metric": [METRIC, f"cost_{spec.sweep.cost}"], "mode": ["max", "min"]} if spec.sweep.cost
            else {"metric": METRIC, "mode": "max"}),
         points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
         study_name=context.name, storage=optuna.storages.RDBStorage(study_storage(context)),
     )
+    scheduler = _scheduler(spec)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=searcher, scheduler=_scheduler(spec),
+            metric=METRIC, mode="max", search_alg=StudySearch(searcher, study_storage(context)), scheduler=scheduler,
             num_samples=spec.sweep.num_trials, max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
         ),
         run_config=tune.RunConfig(
             name=context.name, storage_path=context.storage, verbose=0,
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            # Tune keeps every checkpoint; KeepRestorableCheckpoints deletes the ones no snapshot needs.
+            checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             failure_config=tune.FailureConfig(max_failures=spec.sweep.max_failures),
-            callbacks=[CloseTrialRuns(tracker.uri, context.parent_run_id, epochs),
-                       LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)],
+            callbacks=_callbacks(context, tracker, console, scheduler),
         ),
     )
+
+
+def _callbacks(context: SweepContext, tracker: Tracker, console: Console,
+               scheduler: tune.schedulers.TrialScheduler) -> list[tune.Callback]:
+    """The driver's Tune callbacks. Their order is fixed: Tune restores callback states by position."""
+    spec, epochs = context.spec, context.spec.recipe.build().epochs
+    return [SchedulerState(scheduler), KeepRestorableCheckpoints(),
+            CloseTrialRuns(tracker.uri, context.parent_run_id, epochs),
+            LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)]
 
 
 def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: bool) -> SweepOutcome:
     """Tune the trials (new or restored), then close every run and finish the sweep."""
     started = time.monotonic()
     spec, parent_run_id = context.spec, context.parent_run_id
+    experiment_dir = Path(context.storage) / context.name
     try:
-        console.print(f"[bold]kdsweep[/] sweep [cyan]{context.name}[/]: {spec.sweep.num_trials} trials, "
-                      f"{spec.sweep.max_concurrent} at a time, tracking {tracker.uri}"
-                      + (" (resumed)" if restore else ""))
-        tuner = _tuner(context, tracker, console, restore)
-        tune_started = time.monotonic()
-        results = tuner.fit()
-        tune_seconds = time.monotonic() - tune_started
-        trials = summarize(results, spec.recipe.build().epochs)
-        _reconcile(tracker, parent_run_id, trials)
-        outcome = finish_sweep(context, tracker, results, trials, console)
+        with StopOnSignals(experiment_dir) as signals:
+            console.print(f"[bold]kdsweep[/] sweep [cyan]{context.name}[/]: {spec.sweep.num_trials} trials, "
+                          f"{spec.sweep.max_concurrent} at a time, tracking {tracker.uri}"
+                          + (" (resumed)" if restore else ""))
+            tuner = _tuner(context, tracker, console, restore)
+            tune_started = time.monotonic()
+            results = signals.run(tuner.fit)  # raises Interrupted after Tune's orderly stop
+            tune_seconds = time.monotonic() - tune_started
+            prune_checkpoints(experiment_dir)  # fit ends with a snapshot that waited for storage
+            trials = summarize(results, spec.recipe.build().epochs)
+            _reconcile(tracker, parent_run_id, trials)
+            outcome = finish_sweep(context, tracker, results, trials, console)
     except BaseException as error:
-        for run in tracker.running_children(parent_run_id):
-            tracker.finish(run.info.run_id, "KILLED", "the sweep driver stopped")
-        # Ctrl-C, or SIGTERM (Ray's and the shell's way to stop a driver) ends a sweep KILLED.
-        status = "KILLED" if isinstance(error, KeyboardInterrupt | SystemExit) else "FAILED"
-        tracker.finish(parent_run_id, status, f"{type(error).__name__}: {error}")
+        _close_after(tracker, context, error)
         raise
     tracker.finish(parent_run_id, "FINISHED")
     return dataclasses.replace(outcome, seconds=time.monotonic() - started, tune_seconds=tune_seconds)
+
+
+def _close_after(tracker: Tracker, context: SweepContext, error: BaseException) -> None:
+    """The parent and every open child run closed with what really stopped the driver."""
+    interrupted = isinstance(error, Interrupted | KeyboardInterrupt | SystemExit)
+    if isinstance(error, Interrupted):
+        cause = interruption(Path(context.storage) / context.name) or str(error)
+        reason = f"{cause}; `kdsweep resume {context.name}` continues it"
+    else:
+        what = "was stopped" if interrupted else "failed"
+        cause = reason = f"the sweep driver {what}: {type(error).__name__}: {error}"
+    for run in tracker.running_children(context.parent_run_id):
+        tracker.finish(run.info.run_id, "KILLED", cause)
+    tracker.finish(context.parent_run_id, "KILLED" if interrupted else "FAILED", reason)
 
 
 def _reconcile(tracker: Tracker, parent_run_id: str, trials: list[TrialSummary]) -> None:

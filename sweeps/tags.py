@@ -19,8 +19,9 @@ SPEC = PREFIX + "spec"  # the spec name
 STORAGE = PREFIX + "storage"  # the storage root of the sweep's Tune experiment, stages and exports
 BEST_TRIAL_ID = PREFIX + "best_trial_id"
 BEST_RUN_ID = PREFIX + "best_run_id"
-MODEL_URI = PREFIX + "model_uri"
+MODEL_URI = PREFIX + "model_uri"  # pinned: models:/NAME/VERSION, never an alias
 MODEL_VERSION = PREFIX + "model_version"
+CHAMPION = PREFIX + "champion"  # whether the sweep's version took the `champion` alias, and why
 BASELINE_RUN_ID = PREFIX + "baseline_run_id"
 TEACHER_RUN_ID = PREFIX + "teacher_run_id"
 PARETO_TRIAL_IDS = PREFIX + "pareto_trial_ids"  # comma-separated, multi-objective sweeps only
@@ -32,6 +33,11 @@ STAGE_KEY = PREFIX + "stage_key"  # stage runs: the stage's hash key
 CONFIRM_KEY = PREFIX + "confirm_key"  # confirmation runs: "<trial id>/seed<seed>"
 NODE_IP = PREFIX + "node_ip"  # the Ray node a trial ran on (updated when a retry moves it)
 TEACHER_CACHE = PREFIX + "teacher_cache"  # on | off
+
+# Registered model versions (besides SWEEP): what the champion rule compares, what pinning checks.
+VAL_ACC = PREFIX + "val_acc"  # the exported trial's best-epoch val accuracy
+DATA_KEY = PREFIX + "data_key"  # hash of the dataset spec the val accuracy was measured on
+WEIGHTS_SHA256 = PREFIX + "weights_sha256"  # of the version's state-dict file in its run's export/
 
 
 def lineage(label: str) -> tuple[str, str]:

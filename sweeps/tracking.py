@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -113,9 +113,7 @@ class Tracker:
         existing = self.child_by_key(parent_run_id, role, key_tag, key)
         if existing is not None:  # a retried or resumed trial, or a stage retrained after a crash
             run_id = existing.info.run_id
-            self.client.update_run(run_id, status="RUNNING")
-            if tags.END_REASON in existing.data.tags:
-                self.client.delete_tag(run_id, tags.END_REASON)
+            self.reopen(run_id)
             if run_tags:
                 self.set_tags(run_id, run_tags)
             return run_id
@@ -147,11 +145,21 @@ class Tracker:
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
+        """End a run with `status`; its reason tag says `reason`, or goes (a reopened run may
+        carry an earlier ending's reason)."""
         if status not in TERMINAL:
             raise ValueError(f"not a terminal status: {status}")
         if reason:
             self.set_tags(run_id, {tags.END_REASON: reason[:5000]})
+        elif tags.END_REASON in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, tags.END_REASON)
         self.client.set_terminated(run_id, status=status)
+
+    def reopen(self, run_id: str) -> None:
+        """A run running again (a resumed sweep, a retried trial): RUNNING, without its last reason."""
+        self.client.update_run(run_id, status="RUNNING")
+        if tags.END_REASON in self.client.get_run(run_id).data.tags:
+            self.client.delete_tag(run_id, tags.END_REASON)
 
     def finish_if_running(self, run_id: str, status: str, reason: str | None = None) -> bool:
         if self.client.get_run(run_id).info.status != "RUNNING":
@@ -168,7 +176,8 @@ def end_status(epochs_done: int, epochs: int, error: BaseException | str | None 
 
     `error` is what ended it: an exception in the run's own process, a description from
     the driver (Tune reported the trial errored), or None when it simply ended. SystemExit is
-    how Tune stops a trial (ASHA, and every trial at max_t): FINISHED if every epoch ran.
+    how Tune stops a trial (ASHA, and every trial at max_t): FINISHED if every epoch ran. The
+    scheduler's reason is the driver's to give (`CloseTrialRuns`): only it knows the stop was ASHA's.
     """
     if isinstance(error, KeyboardInterrupt):
         return "KILLED", "interrupted"
@@ -206,7 +215,7 @@ class TrackedRun:
 @contextmanager
 def child_run(
     tracker: Tracker, parent_run_id: str, *, role: str, key_tag: str, key: str, name: str, epochs: int,
-    params: dict[str, Any], run_tags: dict[str, str] | None = None,
+    params: dict[str, Any], run_tags: dict[str, str] | None = None, stopped_by: Callable[[], str | None] | None = None,
 ) -> Iterator[TrackedRun]:
     """Open (or reopen) a child run; on leaving, end it with `end_status` of what happened.
 
@@ -215,6 +224,15 @@ def child_run(
     run = TrackedRun(tracker, tracker.open_child(parent_run_id, role, key_tag, key, name, params, run_tags or {}))
     try:
         yield run
+    except SystemExit:
+        # Tune stopped the trial. A scheduler stop reaches the driver's CloseTrialRuns before the
+        # trial, so a run still open was stopped by something else: `stopped_by` says what.
+        if run.epochs_done >= epochs:
+            tracker.finish(run.run_id, "FINISHED")
+        else:
+            cause = (stopped_by() if stopped_by else None) or "stopped by Ray (its worker was told to exit)"
+            tracker.finish_if_running(run.run_id, "KILLED", f"{cause} after {run.epochs_done} of {epochs} epochs")
+        raise
     except BaseException as error:
         tracker.finish(run.run_id, *end_status(run.epochs_done, epochs, error))
         raise

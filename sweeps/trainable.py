@@ -7,6 +7,7 @@ One `tune.report` per epoch with a checkpoint; a restarted trial resumes from
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 from typing import Any
 
 import ray
@@ -15,6 +16,7 @@ from ray import tune
 from kd_core.cost import COSTS
 from kd_core.train import EpochReport, fit, load_checkpoint
 from sweeps import tags
+from sweeps.interrupts import interruption
 from sweeps.pipeline import (
     SweepContext,
     arch_params,
@@ -49,6 +51,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         tracker, context.parent_run_id, role="trial", key_tag=tags.TRIAL_ID, key=trial_id,
         name=f"trial-{trial_id}", epochs=plan.recipe.epochs, params=trial_params(spec, plan),
         run_tags={tags.NODE_IP: ray.util.get_node_ip_address()},
+        stopped_by=lambda: interruption(Path(context.storage) / context.name),
     ) as run:
         data = load_dataset(spec.data.model_dump(), device)
         # Sources may be trained here, by the first trial that needs them: inside the run, so

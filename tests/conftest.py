@@ -10,6 +10,14 @@ from kd_core.data import DATASETS, Dataset
 
 
 @pytest.fixture(scope="session")
+def digits_sweep(tmp_path_factory) -> dict[str, Any]:
+    """One small real sweep (tests/digits_sweep.py), shared by the e2e and browser tests."""
+    from tests.digits_sweep import run_digits_sweep
+
+    return run_digits_sweep(tmp_path_factory.mktemp("digits_sweep"))
+
+
+@pytest.fixture(scope="session")
 def digits() -> Dataset:
     return DATASETS.get("digits")()
 

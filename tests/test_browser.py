@@ -1,4 +1,5 @@
-"""The MLflow UI in a real browser: a small real sweep, `kdsweep ui` on 127.0.0.1, headless Chromium.
+"""The MLflow UI in a real browser: the session's small real sweep (tests/digits_sweep.py), `kdsweep ui`
+on 127.0.0.1, headless Chromium.
 
 Chromium is Debian's (`make test` installs it); Playwright drives it through its bundled driver.
 Screenshots are kept in test-artifacts/browser/ at the repository root.
@@ -18,29 +19,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 from playwright.sync_api import Page, expect, sync_playwright
 
-from sweeps.tracking import Tracker
+from tests.digits_sweep import MODEL, NAME, SPEC, TRIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
-NAME = "browser-sweep"
-MODEL = "browser_student"
-SPEC = {
-    "name": "browser_spec",
-    "teacher": {"arch": {"name": "convnet", "args": {"width": 8, "depth": 1}},
-                "recipe": {"name": "digits", "epochs": 2}},
-    "student": {"arch": {"name": "convnet", "args": {"width": 4, "depth": 1}}},
-    "method": {"name": "kd"},
-    "recipe": {"name": "digits", "epochs": 3},
-    "search": {"method.T": {"low": 1.0, "high": 8.0},
-               "recipe.lr": {"low": 0.02, "high": 0.2, "log": True}},
-    "sweep": {"num_trials": 3, "max_concurrent": 2,
-              "sampler": {"type": "tpe", "seed": 1, "n_startup_trials": 2},
-              "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
-    "tracking": {"experiment": "browser", "registered_model": MODEL},
-}
 # Without the background-networking flags Chromium keeps calling Google services, which a
 # closed network refuses; only loopback traffic is needed.
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -61,16 +45,11 @@ def chromium() -> str:
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("browser")
-    (work / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", NAME],
-                          cwd=work, env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
-    (parent,) = tracker.find_sweeps(NAME)
+def sweep(digits_sweep) -> dict:
+    """The session's small digits sweep (tests/digits_sweep.py) and its child runs' names."""
+    tracker, parent = digits_sweep["tracker"], digits_sweep["parent"]
     children = sorted(r.info.run_name for r in tracker.children(parent.info.run_id))
-    return {"work": work, "parent": parent, "children": children}
+    return {**digits_sweep, "children": children}
 
 
 @pytest.fixture(scope="module")
@@ -127,7 +106,8 @@ def _close_assistant(page: Page) -> None:
 
 def test_experiment_page_lists_parent_and_child_runs(chromium, sweep, ui, page) -> None:
     parent = sweep["parent"]
-    assert len(sweep["children"]) == 5  # 3 trials, the teacher, the CE-only baseline
+    # the trials, the teacher, the CE-only baseline and the confirmation runs
+    assert len(sweep["children"]) == TRIALS + 2 + SPEC["sweep"]["confirm"]["top_k"] * SPEC["sweep"]["confirm"]["seeds"]
     page.goto(f"{ui}/#/experiments/{parent.info.experiment_id}/runs", timeout=WAIT_MS)
     try:
         name_cell = page.locator('[role="gridcell"][col-id*="Run Name"]', has_text=NAME)
@@ -136,7 +116,7 @@ def test_experiment_page_lists_parent_and_child_runs(chromium, sweep, ui, page) 
         name_cell.get_by_role("button").click()  # child runs are nested under the parent, collapsed
         for child in sweep["children"]:
             expect(page.get_by_role("link", name=child, exact=True)).to_be_visible(timeout=WAIT_MS)
-        expect(page.get_by_text("6 matching runs")).to_be_visible(timeout=WAIT_MS)
+        expect(page.get_by_text(f"{len(sweep['children']) + 1} matching runs")).to_be_visible(timeout=WAIT_MS)
     finally:
         _screenshot(page, "experiment_runs.png")
 

@@ -186,6 +186,18 @@ def test_without_augmentation_the_cache_is_exact_and_has_one_view(tmp_path: Path
     assert len(list(tmp_path.rglob(CACHE_FILE))) == 1  # both requests share the exact cache
 
 
+def test_a_damaged_cache_file_is_computed_again(tmp_path: Path, digits: Dataset) -> None:
+    """A truncated logits file is set aside and recomputed, not loaded by every later trial."""
+    model = build_model("convnet", 10, 1, {"width": 8, "depth": 1}).eval()
+    build_cache(tmp_path, [("t", model)], "digits", digits.train, dtype="float32")
+    (stored,) = tmp_path.rglob(CACHE_FILE)
+    stored.write_bytes(stored.read_bytes()[:100])
+    cache = build_cache(tmp_path, [("t", model)], "digits", digits.train, dtype="float32")
+    with torch.no_grad():
+        torch.testing.assert_close(cache.fixed[0][0], model(digits.train.images), rtol=1e-6, atol=1e-6)
+    assert len(list(stored.parent.glob(f"{CACHE_FILE}.corrupt-*"))) == 1
+
+
 def test_bank_views_are_replayed_not_redrawn(tmp_path: Path) -> None:
     split, model = cifar_like_split(), teacher()
     cache = build_cache(tmp_path, [("t", model)], "data", split, views=2, seed=3)

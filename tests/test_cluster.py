@@ -3,7 +3,8 @@
 node killed mid-sweep, and `kdsweep cluster down` leaving nothing behind.
 
 Nothing is mocked; every command runs in its own process as a user runs it. One cluster is
-shared by the module (about 15 s to start) and stopped by the last test or the finalizer.
+shared by the module (about 15 s to start) and stopped by the last test or the finalizer; one
+sweep shows the spread over nodes and the survival of a node's death.
 """
 
 from __future__ import annotations
@@ -149,38 +150,6 @@ def test_job_package_leaves_out_environments_stores_and_cluster_tokens(tmp_path)
 
 # --- the loopback cluster --------------------------------------------------------------------
 
-@pytest.mark.timeout(600)
-def test_submitted_sweep_runs_on_several_nodes_and_logs_to_the_server(cluster) -> None:
-    (cluster.work / "spread.yaml").write_text(yaml.safe_dump(sweep_spec("spread", trials=4, epochs=5)))
-    done = kdsweep("submit", "spread.yaml", "--cluster-dir", str(cluster.dir), "--name", "spread",
-                   cwd=cluster.work, timeout=500)
-    assert done.returncode == 0, output(done)
-    assert "job spread: SUCCEEDED" in done.stderr
-    assert "best vs CE-only student" in done.stdout  # the job's logs, streamed
-
-    tracker = cluster.tracker
-    (parent,) = tracker.find_sweeps("spread")
-    assert parent.info.status == "FINISHED"
-    assert parent.data.tags[tags.STORAGE] == cluster.state.storage  # the path every node reaches
-    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
-    trials = tracker.children(parent.info.run_id, "trial")
-    assert len(trials) == 4 and {t.info.status for t in trials} == {"FINISHED"}
-    ips = {t.data.tags["kdsweep.node_ip"] for t in trials}
-    assert ips <= set(NODES) and len(ips) >= 2, ips
-    version = tracker.client.get_model_version_by_alias("spread_student", "champion")
-    assert str(version.version) == parent.data.tags["kdsweep.model_version"]
-    assert not (cluster.work / "mlflow.db").exists()  # never the local default store
-
-    job = cli("status", "--job", "spread", "--cluster-dir", str(cluster.dir))
-    assert job.exit_code == 0 and "job spread: SUCCEEDED" in job.stdout, job.output
-    report = cli("cluster", "status", "--dir", str(cluster.dir), "--json")
-    assert report.exit_code == 0, report.output
-    status = json.loads(report.stdout)
-    assert [(n["ip"], n["state"], n["resources"]["CPU"]) for n in status["nodes"]] == \
-        [(ip, "ALIVE", 1.0) for ip in NODES]
-    assert status["dashboard"] == cluster.state.dashboard_url and status["mlflow_running"]
-
-
 def _first_trial_on_a_worker(tracker: Tracker, sweep: str, timeout: float) -> tuple[str, str]:
     """(node ip, trial id) of the first trial that has logged two epochs on a worker node: Tune
     holds the first epoch's checkpoint then (a trial's report returns once Tune took it)."""
@@ -196,29 +165,51 @@ def _first_trial_on_a_worker(tracker: Tracker, sweep: str, timeout: float) -> tu
 
 
 @pytest.mark.timeout(600)
-def test_sweep_survives_a_worker_node_dying(cluster) -> None:
+def test_submitted_sweep_spreads_over_nodes_and_survives_a_worker_node_dying(cluster) -> None:
+    """One sweep shows both: a submitted job that streams its logs, spreads its trials over the
+    nodes and logs to the cluster's MLflow server, and a worker node killed mid-trial."""
+    report = cli("cluster", "status", "--dir", str(cluster.dir), "--json")
+    assert report.exit_code == 0, report.output
+    status = json.loads(report.stdout)
+    assert [(n["ip"], n["state"], n["resources"]["CPU"]) for n in status["nodes"]] == \
+        [(ip, "ALIVE", 1.0) for ip in NODES]
+    assert status["dashboard"] == cluster.state.dashboard_url and status["mlflow_running"]
+
     trials = 3
     (cluster.work / "failover.yaml").write_text(yaml.safe_dump(sweep_spec("failover", trials, max_failures=3)))
-    done = kdsweep("submit", "failover.yaml", "--cluster-dir", str(cluster.dir), "--name", "failover",
-                   "--no-wait", cwd=cluster.work, timeout=120)
-    assert done.returncode == 0 and done.stdout.strip() == "failover", output(done)
-
-    victim_ip, victim = _first_trial_on_a_worker(cluster.tracker, "failover", timeout=300)
-    killed = local.kill_node(cluster.dir, victim_ip)  # SIGKILL: raylet, its workers, the trial
-    assert killed
-
-    follow = cli("status", "--job", "failover", "--follow", "--cluster-dir", str(cluster.dir))
-    assert follow.exit_code == 0, follow.output[-6000:]
-    assert "job failover: SUCCEEDED" in follow.stdout
+    submit = subprocess.Popen(  # waits for the job and streams its logs, as a user runs it
+        [sys.executable, "-m", "sweeps.cli", "submit", "failover.yaml", "--cluster-dir", str(cluster.dir),
+         "--name", "failover"], cwd=cluster.work, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True)
+    try:
+        victim_ip, victim = _first_trial_on_a_worker(cluster.tracker, "failover", timeout=300)
+        killed = local.kill_node(cluster.dir, victim_ip)  # SIGKILL: raylet, its workers, the trial
+        assert killed
+        stdout, stderr = submit.communicate(timeout=450)
+    finally:
+        if submit.poll() is None:
+            os.killpg(submit.pid, signal.SIGKILL)
+            submit.wait(timeout=30)
+    done = subprocess.CompletedProcess(submit.args, submit.returncode, stdout, stderr)
+    assert done.returncode == 0, output(done)
+    assert "job failover: SUCCEEDED" in done.stderr
+    assert "best vs CE-only student" in done.stdout  # the job's logs, streamed
 
     tracker = cluster.tracker
     (parent,) = tracker.find_sweeps("failover")
     assert parent.info.status == "FINISHED"
+    assert parent.data.tags[tags.STORAGE] == cluster.state.storage  # the path every node reaches
+    assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
+    assert not (cluster.work / "mlflow.db").exists()  # never the local default store
+    version = tracker.client.get_model_version_by_alias("failover_student", "champion")  # the first: champion
+    assert str(version.version) == parent.data.tags["kdsweep.model_version"]
     children = tracker.children(parent.info.run_id)
     assert not [r for r in children if r.info.status == "RUNNING"]
     runs = [r for r in children if r.data.tags["kdsweep.role"] == "trial"]
     assert len(runs) == trials  # no trial lost, none duplicated by its retry
     assert {r.info.status for r in runs} <= {"FINISHED", "KILLED"}
+    ips = {r.data.tags["kdsweep.node_ip"] for r in runs}
+    assert ips <= set(NODES) and len(ips) >= 2, ips
     for run in runs:
         steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, len(steps) + 1))  # a retry never logs an epoch twice
@@ -233,6 +224,8 @@ def test_sweep_survives_a_worker_node_dying(cluster) -> None:
     assert iterations == list(range(1, EPOCHS + 1))
     assert results[0]["node_ip"] == victim_ip and results[-1]["node_ip"] != victim_ip
 
+    job = cli("status", "--job", "failover", "--cluster-dir", str(cluster.dir))
+    assert job.exit_code == 0 and "job failover: SUCCEEDED" in job.stdout, job.output
     report = local.status(cluster.dir)
     dead = next(n for n in report["nodes"] if n["ip"] == victim_ip)
     assert dead["process"] == "gone" and dead["state"] == "DEAD"

@@ -18,55 +18,20 @@ from pathlib import Path
 import mlflow.pytorch
 import pytest
 import torch
-import yaml
 from mlflow import MlflowClient
 
 from kd_core.data import DATASETS
 from kd_core.stages import StageStore
 from kd_core.train import evaluate
 from sweeps import tags
-from sweeps.tracking import Tracker
+from tests.digits_sweep import EPOCHS, NAME, TRIALS, kdsweep
 
-NAME = "e2e"
-EPOCHS = 4
-TRIALS = 4
-SPEC = {
-    "name": "e2e_spec",
-    "teacher": {"arch": {"name": "convnet", "args": {"width": 16, "depth": 1}},
-                "recipe": {"name": "digits", "epochs": 3}},
-    "student": {"arch": {"name": "convnet", "args": {"width": 4, "depth": 1}}},
-    "method": {"name": "kd"},
-    "recipe": {"name": "digits", "epochs": EPOCHS},
-    "search": {
-        "method.T": {"low": 1.0, "high": 8.0},
-        "method.w_kd": {"low": 0.1, "high": 1.0},
-        "method.kl_reduction": {"choices": ["batchmean", "mean"]},
-        "recipe.lr": {"low": 0.02, "high": 0.2, "log": True},
-    },
-    "sweep": {"num_trials": TRIALS, "max_concurrent": 2, "confirm": {"top_k": 2, "seeds": 2},
-              "sampler": {"type": "tpe", "seed": 1, "n_startup_trials": 2},
-              "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2}},
-    "tracking": {"experiment": "e2e", "registered_model": "e2e_student"},
-}
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def kdsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-@pytest.fixture(scope="module")
-def sweep(tmp_path_factory) -> dict:
-    work = tmp_path_factory.mktemp("e2e")
-    (work / "spec.yaml").write_text(yaml.safe_dump(SPEC))
-    done = kdsweep("run", "spec.yaml", "--name", NAME, cwd=work)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    uri = f"sqlite:///{work / 'mlflow.db'}"
-    tracker = Tracker(uri)
-    (parent,) = tracker.find_sweeps(NAME)
-    return {"work": work, "uri": uri, "tracker": tracker, "parent": parent, "stdout": done.stdout}
+@pytest.fixture
+def sweep(digits_sweep) -> dict:
+    return digits_sweep
 
 
 def test_parent_and_children_have_terminal_statuses(sweep) -> None:
@@ -90,6 +55,29 @@ def test_parent_and_children_have_terminal_statuses(sweep) -> None:
         assert (run.info.status == "FINISHED") == (epochs == EPOCHS)
         if run.info.status == "KILLED":
             assert "stopped early" in run.data.tags[tags.END_REASON]
+
+
+def test_the_study_records_stopped_trials_as_pruned(sweep) -> None:
+    """TPE sees what happened: finished trials COMPLETE, ASHA-stopped ones PRUNED with one
+    intermediate value per epoch they trained (not COMPLETE with a partial value)."""
+    import optuna
+
+    tracker, parent = sweep["tracker"], sweep["parent"]
+    study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep['work'] / 'kdsweep_storage' / NAME / 'study.db'}")
+    epochs = {"FINISHED": [], "KILLED": []}
+    for run in tracker.children(parent.info.run_id, "trial"):
+        epochs[run.info.status].append(len(tracker.client.get_metric_history(run.info.run_id, "val_acc")))
+    states = {"FINISHED": optuna.trial.TrialState.COMPLETE, "KILLED": optuna.trial.TrialState.PRUNED}
+    for status, state in states.items():
+        recorded = [t for t in study.trials if t.state == state]
+        assert sorted(len(t.intermediate_values) for t in recorded) == sorted(epochs[status]), status
+        assert all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in recorded)
+
+
+def test_a_real_experiments_search_state_passes_the_resume_check(sweep) -> None:
+    from sweeps.search import check_search_state
+
+    check_search_state(sweep["work"] / "kdsweep_storage" / NAME)  # what Tune wrote reads back
 
 
 def test_each_trial_has_params_and_one_point_per_epoch(sweep) -> None:
@@ -133,7 +121,7 @@ def test_trials_share_one_teacher_output_cache(sweep) -> None:
 def test_driver_prints_best_beside_ce_baseline(sweep) -> None:
     text = " ".join(sweep["stdout"].split())
     assert "student, CE only" in text and "student, best trial" in text
-    assert "models:/e2e_student@champion" in text
+    assert "model: models:/e2e_student/1 (pinned; champion: promoted: the first champion" in text
 
 
 def test_top_configurations_are_confirmed_with_new_seeds(sweep) -> None:
@@ -155,7 +143,8 @@ def test_best_json(sweep) -> None:
     done = kdsweep("best", NAME, "--json", cwd=sweep["work"])
     assert done.returncode == 0, done.stderr
     best = json.loads(done.stdout)
-    assert best["sweep"] == NAME and best["model_uri"] == "models:/e2e_student@champion"
+    assert best["sweep"] == NAME and best["model_uri"] == "models:/e2e_student/1"  # pinned, never the alias
+    assert best["champion"].startswith("promoted")
     assert best["run_id"] == sweep["parent"].data.tags["kdsweep.best_run_id"]
     assert best["params"]["method"] == "kd"
 
@@ -171,6 +160,7 @@ def test_status_lists_the_sweep_and_its_trials(sweep) -> None:
 def test_pulled_torchscript_runs_with_torch_alone(sweep, tmp_path) -> None:
     done = kdsweep("pull", NAME, "--to", str(tmp_path / "student"), cwd=sweep["work"])
     assert done.returncode == 0, done.stderr
+    assert "model: models:/e2e_student/1" in done.stdout
     files = {p.name for p in (tmp_path / "student").iterdir()}
     assert {"student.torchscript.pt", "student_state_dict.pt", "student.json"} <= files
     meta = json.loads((tmp_path / "student" / "student.json").read_text())

@@ -57,3 +57,25 @@ def test_a_stored_stage_is_reused_by_a_later_sweep(sweep, tmp_path) -> None:
     assert again.record.key == first.record.key and again.record.run_id == first.record.run_id
     assert tracker.children(later.parent_run_id) == []  # nothing trained for the later sweep
     assert StageStore(tmp_path).get(teacher.key) is not None
+
+
+@pytest.mark.parametrize("how", ["truncated", "other_arch", "no_weights", "legacy_other_arch"])
+def test_a_damaged_teacher_is_trained_again_by_a_later_sweep(sweep, tmp_path, how, monkeypatch) -> None:
+    """A damaged stage never poisons later sweeps: the next one that needs it sets it aside (named
+    in damage.txt) and trains it again, as a run of its own."""
+    from tests.test_stages import damage
+
+    spec, tracker, context = sweep
+    teacher = source_plan(spec, 10, (1, 8, 8)).teacher
+    first = resolve_stage(teacher, context, tracker)
+    damage(first.record.path, how)
+    monkeypatch.setattr("sweeps.pipeline._models", {})  # a new worker process
+    later = SweepContext("later", context.spec, context.storage, tracker.uri,
+                         tracker.start_sweep(tracker.experiment_id("pipeline"), "later", {}))
+    again = resolve_stage(teacher, later, tracker)
+    assert again.record.key == first.record.key and again.record.run_id != first.record.run_id
+    (run,) = tracker.children(later.parent_run_id, "teacher")
+    assert run.info.status == "FINISHED"
+    (aside,) = [p for p in (tmp_path / "stages").iterdir() if ".corrupt-" in p.name]
+    assert (aside / "damage.txt").exists()
+    assert StageStore(tmp_path).get(teacher.key) is not None

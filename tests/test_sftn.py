@@ -151,12 +151,52 @@ def test_branches_match_the_student_resolution_as_well_as_its_channels() -> None
     torch.testing.assert_close(terms["r_kl"], sum(kd_loss(z, logits, 1.0, detach_teacher=False) for z in z_r))
 
 
-def test_mismatched_stage_counts_raise() -> None:
+def test_mismatched_stage_counts_need_branch_joins() -> None:
     cls = DISTILLERS.get("sftn_teacher")
     full = convnet(8)
     two_stages = StagedModel(full.stem, list(full.stages[:2]), Head(16, 10), [8, 16])
-    with pytest.raises(ValueError, match="teacher has 2 stages, the student 3"):
+    with pytest.raises(ValueError, match="teacher has 2 stages, the student 3: pass branch_joins"):
         cls(two_stages, [], cls.make_params({"student_arch": STUDENT_ARCH}))
+    for bad in ([0, 1], [2]):  # one join per teacher stage but the last; each <= the student's N-2
+        with pytest.raises(ValueError, match="branch_joins must give"):
+            cls(two_stages, [], cls.make_params({"student_arch": STUDENT_ARCH, "branch_joins": bad}))
+    with pytest.raises(ValueError, match="stage indices >= 0"):
+        cls.make_params({"student_arch": STUDENT_ARCH, "branch_joins": [-1]})
+    distiller = cls(two_stages, [], cls.make_params({"student_arch": STUDENT_ARCH, "branch_joins": [1]}))
+    assert [len(b.stages) for b in distiller.branches] == [1]  # joins student stage 1, runs stage 2
+
+
+@pytest.mark.parametrize(("teacher", "student", "joins"), [
+    ("resnet8", "resnet8x4", [0, 1]),  # equal counts: block i joins block i (the paper)
+    ("resnet32x4", "shufflenetv2", [0, 1]),  # equal counts, even where resolutions differ
+    ("vgg13", "mobilenetv2_0_5", [0, 0, 1, 2]),  # 5 vs 4 stages: by resolution (32,16,8,4 -> 16,16,8,4)
+    ("resnet50", "vgg8", [0, 1, 2]),  # 4 vs 5: 32,16,8 -> 32,16,8; the branch of stage 2 runs vgg's 3, 4
+    ("resnet32x4", "vgg8", [0, 1]),  # 3 vs 5
+])
+def test_branch_joins_pair_stages_by_resolution_when_counts_differ(teacher, student, joins) -> None:
+    stage = DISTILLERS.get("sftn").source_stages(
+        DISTILLERS.get("sftn").make_params(),
+        SourcePlan(teacher=StageSpec("teacher", {"name": teacher}, {"name": "cifar100"}, build_recipe("crd").as_dict()),
+                   assistants=(), student_arch={"name": student}, data={"name": "cifar100"},
+                   recipe=build_recipe("crd").as_dict(), seed=0, num_classes=100, input_shape=(3, 32, 32)))[0]
+    assert stage.method["params"]["branch_joins"] == joins
+    cls = DISTILLERS.get("sftn_teacher")
+    torch.manual_seed(0)
+    distiller = cls(build_model(teacher, 100, 3), [], cls.make_params(stage.method["params"]))
+    student_model = build_model(student, 100, 3).eval()
+    images, labels = torch.randn(2, 3, 32, 32), torch.tensor([0, 1])
+    with torch.no_grad():
+        student_shapes = [tuple(o.shape[1:]) for o in student_model.stage_outputs(images)]
+    transformed = []
+    for branch in distiller.branches:
+        branch.transform.register_forward_hook(lambda _m, _i, out: transformed.append(tuple(out.shape[1:])))
+    distiller.train()
+    with torch.no_grad():
+        _, terms = distiller.forward_train(images, labels)
+    # Each branch hands the joined student stage's output shape to the student's next stage.
+    assert transformed == [student_shapes[j] for j in joins]
+    assert [len(b.stages) for b in distiller.branches] == [len(student_shapes) - 1 - j for j in joins]
+    assert all(torch.isfinite(t) for t in terms.values())
 
 
 def test_deployable_is_the_teacher_and_loads(batch) -> None:
@@ -195,6 +235,7 @@ def test_source_stages() -> None:
     assert stage.role == "sftn_teacher" and stage.arch == TEACHER_ARCH and stage.parents == ()
     assert stage.method["name"] == "sftn_teacher"
     assert stage.method["params"]["student_arch"] == STUDENT_ARCH
+    assert stage.method["params"]["branch_joins"] == [0, 1]  # equal stage counts: i joins i
     assert stage.recipe == teacher.recipe and stage.seed == teacher.seed
     DISTILLERS.get("sftn_teacher").make_params(stage.method["params"])  # a valid stage-1 config
 

@@ -8,14 +8,14 @@ official test set is the test split.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from annotated_types import Ge, Gt, Lt
-from torchvision.datasets import CIFAR10, CIFAR100
 
 from kd_core.data.augment import (
     AUGMENTATIONS,
@@ -36,20 +36,22 @@ class DatasetFilesNotFoundError(FileNotFoundError):
     """The dataset's files are not under the given root (and download was not asked for)."""
 
 
-# torchvision compares every file's md5 with the official release's. We check only that the
-# files exist, so CIFAR-format files written elsewhere (the tests' generated ones, re-packed
-# subsets) load too; a truncated file still fails when unpickled, and download() still checks
-# the downloaded archive's md5.
-class _CIFAR10Files(CIFAR10):
-    train_list = [[name, None] for name, _ in CIFAR10.train_list]
-    test_list = [[name, None] for name, _ in CIFAR10.test_list]
-    meta = {**CIFAR10.meta, "md5": None}
+@functools.cache
+def _files_class(torchvision_name: str) -> Any:
+    """torchvision's CIFAR10 or CIFAR100 (imported on first use: seconds), without its md5 checks.
 
+    torchvision compares every file's md5 with the official release's. We check only that the
+    files exist, so CIFAR-format files written elsewhere (the tests' generated ones, re-packed
+    subsets) load too; a truncated file still fails when unpickled, and download() still checks
+    the downloaded archive's md5."""
+    import torchvision.datasets
 
-class _CIFAR100Files(CIFAR100):
-    train_list = [[name, None] for name, _ in CIFAR100.train_list]
-    test_list = [[name, None] for name, _ in CIFAR100.test_list]
-    meta = {**CIFAR100.meta, "md5": None}
+    base = getattr(torchvision.datasets, torchvision_name)
+    return type(f"_{torchvision_name}Files", (base,), {
+        "train_list": [[name, None] for name, _ in base.train_list],
+        "test_list": [[name, None] for name, _ in base.test_list],
+        "meta": {**base.meta, "md5": None},
+    })
 
 
 def split_off_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,15 +63,16 @@ def split_off_val(n: int, val_fraction: float, seed: int) -> tuple[torch.Tensor,
     return order[n_val:], order[:n_val]
 
 
-def _uint8_split(files: CIFAR10) -> tuple[torch.Tensor, torch.Tensor]:
+def _uint8_split(files: Any) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(files.data).permute(0, 3, 1, 2).contiguous()  # torchvision keeps HWC
     return images, torch.tensor(files.targets, dtype=torch.long)
 
 
 def _load(
-    name: str, files_class: type[CIFAR10], mean: Stats, std: Stats, num_classes: int, *, root: str,
+    name: str, torchvision_name: str, mean: Stats, std: Stats, num_classes: int, *, root: str,
     download: bool, augment: str, val_fraction: float, seed: int, train_subset: int | None,
 ) -> Dataset:
+    files_class = _files_class(torchvision_name)
     root = os.path.expanduser(root)
     folder = Path(root) / files_class.base_folder
     needed = [entry[0] for entry in files_class.train_list + files_class.test_list] + [files_class.meta["filename"]]
@@ -124,7 +127,7 @@ def cifar10(
     train_subset: Annotated[int, Ge(1)] | None = None,
 ) -> Dataset:
     """CIFAR-10: 50,000 training images (val carved from them) and 10,000 test images, 10 classes."""
-    return _load("cifar10", _CIFAR10Files, CIFAR10_MEAN, CIFAR10_STD, 10, root=root, download=download,
+    return _load("cifar10", "CIFAR10", CIFAR10_MEAN, CIFAR10_STD, 10, root=root, download=download,
                  augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset)
 
 
@@ -138,5 +141,5 @@ def cifar100(
     train_subset: Annotated[int, Ge(1)] | None = None,
 ) -> Dataset:
     """CIFAR-100 (fine labels): 50,000 training images (val carved from them), 10,000 test, 100 classes."""
-    return _load("cifar100", _CIFAR100Files, CIFAR100_MEAN, CIFAR100_STD, 100, root=root, download=download,
+    return _load("cifar100", "CIFAR100", CIFAR100_MEAN, CIFAR100_STD, 100, root=root, download=download,
                  augment=augment, val_fraction=val_fraction, seed=seed, train_subset=train_subset)

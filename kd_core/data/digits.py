@@ -6,7 +6,6 @@ from typing import Annotated
 
 import torch
 from annotated_types import Gt, Lt
-from sklearn.datasets import load_digits
 
 from kd_core.data.base import Dataset, Split, seeded_split
 from kd_core.data.registry import DATASETS
@@ -19,6 +18,8 @@ def digits(
     test_fraction: Annotated[float, Gt(0), Lt(1)] = 0.2,
 ) -> Dataset:
     """Seeded train/val/test split; val is carved from the non-test part."""
+    from sklearn.datasets import load_digits  # 3 s to import: only when the data is loaded
+
     bunch = load_digits()
     images = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     labels = torch.tensor(bunch.target, dtype=torch.long)

@@ -19,7 +19,6 @@ from typing import Annotated
 
 import torch
 from annotated_types import Ge, Gt, Lt
-from torchvision.datasets.mnist import read_image_file, read_label_file
 
 from kd_core.data.augment import AugmentationName
 from kd_core.data.base import Dataset
@@ -46,6 +45,8 @@ def read_idx(path: Path, labels: bool) -> torch.Tensor:
 
     Raises ValueError naming the file when it is not a well-formed IDX file of that kind.
     """
+    from torchvision.datasets.mnist import read_image_file, read_label_file  # slow import: on use
+
     reader = read_label_file if labels else read_image_file
     try:
         if path.suffix != ".gz":

@@ -10,15 +10,12 @@ import copy
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 from annotated_types import Ge, Gt, Lt
 from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Subset
 from torch.utils.data import Dataset as TorchDataset
-from torchvision import transforms
-from torchvision.datasets import ImageFolder
-from torchvision.datasets.vision import StandardTransform
 
 from kd_core.data.augment import IMAGENET_MEAN, IMAGENET_STD
 from kd_core.data.base import Dataset
@@ -62,7 +59,10 @@ class LoaderSplit:
             yield images, labels
 
 
-def _folder(path: str, role: str, transform: transforms.Compose) -> ImageFolder:
+def _folder(path: str, role: str, transform: Any) -> Any:
+    """torchvision's ImageFolder of `path`; FileNotFoundError naming `role` when unusable."""
+    from torchvision.datasets import ImageFolder
+
     path = os.path.expanduser(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"image_folder: {role} {path!r} is not a directory")
@@ -83,6 +83,9 @@ def image_folder(
     batch_workers: Annotated[int, Ge(0)] = 2,
 ) -> Dataset:
     """Train on `train_dir` less a seeded validation part (model selection); `val_dir` is the test split."""
+    from torchvision import transforms  # torchvision takes seconds to import: only when used
+    from torchvision.datasets.vision import StandardTransform
+
     normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
     train_transform = transforms.Compose([
         transforms.RandomResizedCrop(image_size), transforms.RandomHorizontalFlip(), transforms.ToTensor(), normalize,

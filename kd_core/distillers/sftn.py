@@ -1,21 +1,26 @@
 """SFTN: student-friendly teacher networks (Park et al., NeurIPS 2021).
 
 Stage 1 ("sftn_teacher") trains the teacher jointly with student branches: after teacher
-stage i (i < N-1) a branch transforms the features to the student's stage-i output (the input
-of student stage i+1: its channels and its resolution, see `StudentBranch`) and runs them
-through branch-owned copies of student stages i+1..N-1 and the student's neck and head. The
+stage i (i < N_t-1) a branch transforms the features to the output of student stage j(i) (the
+input of student stage j+1: its channels and its resolution, see `StudentBranch`) and runs them
+through branch-owned copies of student stages j+1..N_s-1 and the student's neck and head. The
 branches' KL to the teacher is not detached, so the teacher learns outputs the student can
 follow. Stage 2 ("sftn") drops the branches and distills a fresh student from the frozen SFTN
 teacher with vanilla KD.
 
-No official code was found: the stage-1 weights, tau, the epochs and from-scratch vs
-fine-tune are options (docs/methods.md, sftn).
+The paper splits teacher and student into the same number of blocks and joins block i to
+block i (j(i) = i); we do the same when their stage counts agree. Where they differ (vgg13 ->
+MobileNetV2, resnet50 -> vgg8) the paper gives no rule; we join by resolution
+(`branch_joins`). No official code was found: the stage-1 weights, tau, the epochs and
+from-scratch vs fine-tune are options (docs/methods.md, sftn).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +49,15 @@ class SFTNTeacherParams(MethodParams):
     tau: float = 1.0
     kl_reduction: str = "batchmean"
     finetune: bool = False  # start from the parent (a trained CE teacher) instead of scratch
+    # branch_joins[i]: the student stage whose output teacher stage i's branch produces (its
+    # transform's target; the branch then runs the student's later stages). None: j(i) = i,
+    # which needs equal stage counts. SFTNDistiller.source_stages always sets it (`branch_joins`).
+    branch_joins: list[int] | None = None
 
     def validate(self) -> None:
         super().validate()
+        if self.branch_joins is not None and any(j < 0 for j in self.branch_joins):
+            raise ValueError(f"branch_joins must be stage indices >= 0, got {self.branch_joins}")
         if "name" not in self.student_arch:
             raise ValueError("student_arch is required: {'name': ..., 'args': {...}}")
         if self.tau <= 0:
@@ -56,10 +67,11 @@ class SFTNTeacherParams(MethodParams):
 
 
 class StudentBranch(nn.Module):
-    """Teacher features after stage i -> transform -> student stages i+1.. -> neck -> head.
+    """Teacher features after stage i -> transform -> student stages j+1.. -> neck -> head,
+    where j = `join` is the student stage the branch joins (`branch_joins`; j = i by default).
 
-    The transform maps the teacher map (N, C_t, H_t, W_t) to the student's stage-i output
-    (N, C_s, H_s, W_s), the input of student stage i+1: adaptive average pooling to (H_s, W_s),
+    The transform maps the teacher map (N, C_t, H_t, W_t) to the student's stage-j output
+    (N, C_s, H_s, W_s), the input of student stage j+1: adaptive average pooling to (H_s, W_s),
     then a 1x1 conv + BN + ReLU to C_s channels (the paper's transform layer is the 1x1 conv +
     BN + ReLU; it matches channels and resolution). Pooling rather than a strided conv because
     it reads every teacher pixel (a strided 1x1 conv reads one in four: aliasing), adds no
@@ -70,19 +82,19 @@ class StudentBranch(nn.Module):
     student runs at 4x4.
     """
 
-    def __init__(self, in_channels: int, student: StagedModel, index: int) -> None:
+    def __init__(self, in_channels: int, student: StagedModel, join: int) -> None:
         super().__init__()
-        out_channels = student.stage_channels[index]  # = the input channels of student stage i+1
+        out_channels = student.stage_channels[join]  # = the input channels of student stage j+1
         self.transform = nn.Sequential(
             nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
         )
         # Deep copies: every branch owns its weights.
-        self.stages = copy.deepcopy(student.stages[index + 1:])
+        self.stages = copy.deepcopy(student.stages[join + 1:])
         self.neck, self.head = copy.deepcopy(student.neck), copy.deepcopy(student.head)
 
     def forward(self, features: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Logits (N, num_classes) from teacher features (N, C_t, H_t, W_t), resized to `size`
-        (the student's stage-i output size; None: kept)."""
+        (the student's stage-j output size; None: kept)."""
         if size is not None and tuple(features.shape[-2:]) != tuple(size):
             features = F.adaptive_avg_pool2d(features, size)
         x = self.transform(features)
@@ -91,13 +103,40 @@ class StudentBranch(nn.Module):
         return self.head(self.neck(x))
 
 
+def branch_joins(teacher_sizes: Sequence[tuple[int, int]], student_sizes: Sequence[tuple[int, int]]) -> list[int]:
+    """For each teacher stage i < N_t-1, the student stage j (0 <= j <= N_s-2) its branch joins.
+
+    `teacher_sizes`/`student_sizes`: (H, W) of every stage output (`stage_sizes`). Equal stage
+    counts: j = i (the paper's block correspondence). Otherwise by resolution: the deepest
+    student stage whose map is at least as large as teacher stage i's (the same downsampling
+    when one exists), or stage 0 when every student map is smaller. Several teacher stages may
+    join the same student stage. Raises ValueError when the student has fewer than 2 stages
+    (no stage would be left for a branch to run)."""
+    n_teacher, n_student = len(teacher_sizes), len(student_sizes)
+    if n_student < 2:
+        raise ValueError(f"SFTN needs a student with at least 2 stages, got {n_student}")
+    if n_teacher == n_student:
+        return list(range(n_teacher - 1))
+    joins = []
+    for h, w in teacher_sizes[:-1]:
+        large_enough = [j for j in range(n_student - 1) if student_sizes[j][0] * student_sizes[j][1] >= h * w]
+        joins.append(large_enough[-1] if large_enough else 0)
+    return joins
+
+
 def stage_sizes(arch: dict[str, Any], num_classes: int, input_shape: Sequence[int]) -> list[tuple[int, int]]:
     """(H, W) of every stage output of architecture `arch` for inputs of `input_shape` (C, H, W),
-    from a meta-device build (no memory, no compute)."""
+    from a meta-device build (no memory, no compute; remembered per arguments)."""
+    return list(_stage_sizes(json.dumps(arch, sort_keys=True), num_classes, tuple(int(d) for d in input_shape)))
+
+
+@functools.lru_cache(maxsize=256)  # a meta build of a large model takes about a second
+def _stage_sizes(arch_json: str, num_classes: int, input_shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+    arch = json.loads(arch_json)
     with torch.device("meta"):
         probe = build_model(arch["name"], num_classes, int(input_shape[0]), arch.get("args", {})).eval()
         outputs = probe.stage_outputs(torch.empty(1, *input_shape))
-    return [(int(o.shape[-2]), int(o.shape[-1])) for o in outputs]
+    return tuple((int(o.shape[-2]), int(o.shape[-1])) for o in outputs)
 
 
 @DISTILLERS.register("sftn_teacher")
@@ -116,11 +155,19 @@ class SFTNTeacherDistiller(Distiller):
         arch = params.student_arch
         # in_channels is irrelevant: the branches start after the student's stem.
         template = build_model(arch["name"], student.num_classes, 1, arch.get("args", {}))
-        if len(template.stages) != len(student.stages):
-            raise ValueError(f"SFTN needs as many teacher stages as student stages: the teacher has "
-                             f"{len(student.stages)} stages, the student {len(template.stages)}")
+        n_teacher, n_student = len(student.stages), len(template.stages)
+        joins = params.branch_joins
+        if joins is None:
+            if n_teacher != n_student:
+                raise ValueError(f"the teacher has {n_teacher} stages, the student {n_student}: pass branch_joins "
+                                 "(the student stage each teacher stage's branch joins; sftn sets it)")
+            joins = list(range(n_teacher - 1))
+        if len(joins) != n_teacher - 1 or any(j > n_student - 2 for j in joins):
+            raise ValueError(f"branch_joins must give, for each of the teacher's first {n_teacher - 1} stages, a "
+                             f"student stage in 0..{n_student - 2}; got {joins}")
+        self.joins = list(joins)
         self.branches = nn.ModuleList(
-            StudentBranch(student.stage_channels[i], template, i) for i in range(len(student.stages) - 1)
+            StudentBranch(student.stage_channels[i], template, j) for i, j in enumerate(self.joins)
         )
         self._sizes: dict[tuple[int, ...], list[tuple[int, int]]] = {}  # input shape -> student stage sizes
 
@@ -144,7 +191,8 @@ class SFTNTeacherDistiller(Distiller):
         p, teacher = self.params, self.student
         features = teacher.stage_outputs(images)
         logits = teacher.head(teacher.neck(features[-1]))
-        sizes = self.student_sizes(images.shape[1:])[:-1]  # student stage i's output, for branch i
+        student_sizes = self.student_sizes(images.shape[1:])
+        sizes = [student_sizes[j] for j in self.joins]  # the joined student stage's output, per branch
         branch_logits = [branch(f, size) for branch, f, size in zip(self.branches, features[:-1], sizes, strict=True)]
         return logits, {
             "t_ce": cross_entropy(logits, labels),
@@ -197,6 +245,10 @@ class SFTNDistiller(KDDistiller):
             student_arch=plan.student_arch, w_t_ce=float(fixed.stage1_w_t), w_r_ce=float(fixed.stage1_w_rce),
             w_r_kl=float(fixed.stage1_w_rkl), tau=float(fixed.stage1_tau), finetune=bool(fixed.finetune),
         )
+        shape = plan.input_shape
+        joins = branch_joins(stage_sizes(teacher.arch, plan.num_classes, shape),
+                             stage_sizes(plan.student_arch, plan.num_classes, shape))
+        stage1 = dataclasses.replace(stage1, branch_joins=joins)
         recipe = plan.teacher_recipe  # a pretrained teacher has none: the plan's
         epochs = fixed.stage1_epochs or recipe["epochs"]
         return [plan.stage(

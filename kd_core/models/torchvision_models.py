@@ -12,7 +12,6 @@ from collections.abc import Callable
 from functools import partial
 
 import torch
-import torchvision
 from torch import nn
 
 from kd_core.models.base import Head, StagedModel
@@ -79,10 +78,15 @@ def _prepare(model: nn.Module, in_channels: int, weights_path: str | None, first
         _load_weights(model, weights_path, first_conv, classifier)
 
 
-def _resnet(
-    builder: Callable[..., nn.Module], num_classes: int, in_channels: int, weights_path: str | None
-) -> StagedModel:
-    model = builder(weights=None, num_classes=num_classes)
+def _builder(name: str) -> Callable[..., nn.Module]:
+    """torchvision.models.<name>, imported on first use (torchvision takes seconds to import)."""
+    import torchvision.models
+
+    return getattr(torchvision.models, name)
+
+
+def _resnet(name: str, num_classes: int, in_channels: int, weights_path: str | None) -> StagedModel:
+    model = _builder(name)(weights=None, num_classes=num_classes)
     _prepare(model, in_channels, weights_path, "conv1", "fc")
     stem = nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)
     stages = [model.layer1, model.layer2, model.layer3, model.layer4]
@@ -92,7 +96,7 @@ def _resnet(
 
 
 def _mobile(
-    builder: Callable[..., nn.Module],
+    name: str,
     splits: list[int],
     num_classes: int,
     in_channels: int,
@@ -100,7 +104,7 @@ def _mobile(
 ) -> StagedModel:
     """`features[0]` is the stem and `features[-1]` (the final 1x1 conv) the neck; a stage
     starts at each index in `splits` (downsampling blocks, but for the first)."""
-    model = builder(weights=None, num_classes=num_classes)
+    model = _builder(name)(weights=None, num_classes=num_classes)
     _prepare(model, in_channels, weights_path, "features.0.0", f"classifier.{len(model.classifier) - 1}")
     features = model.features
     bounds = [*splits, len(features) - 1]
@@ -109,17 +113,13 @@ def _mobile(
     return StagedModel(features[0], stages, SequentialHead(model.classifier), channels, neck=features[-1])
 
 
-_RESNETS: dict[str, Callable[..., nn.Module]] = {
-    "tv_resnet18": torchvision.models.resnet18,
-    "tv_resnet34": torchvision.models.resnet34,
-    "tv_resnet50": torchvision.models.resnet50,
-}
-# name -> (builder, indices of `features` where a stage starts)
-_MOBILE: dict[str, tuple[Callable[..., nn.Module], list[int]]] = {
-    "tv_mobilenet_v2": (torchvision.models.mobilenet_v2, [1, 2, 4, 7, 14]),
-    "tv_mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, [1, 2, 4, 9]),
-    "tv_mobilenet_v3_large": (torchvision.models.mobilenet_v3_large, [1, 2, 4, 7, 13]),
-    "tv_efficientnet_b0": (torchvision.models.efficientnet_b0, [1, 2, 3, 4, 6]),
+_RESNETS = ("resnet18", "resnet34", "resnet50")  # torchvision.models builders
+# builder -> indices of `features` where a stage starts
+_MOBILE: dict[str, list[int]] = {
+    "mobilenet_v2": [1, 2, 4, 7, 14],
+    "mobilenet_v3_small": [1, 2, 4, 9],
+    "mobilenet_v3_large": [1, 2, 4, 7, 13],
+    "efficientnet_b0": [1, 2, 3, 4, 6],
 }
 
 
@@ -133,7 +133,7 @@ def _register(name: str, build: Callable[[int, int, str | None], StagedModel]) -
     MODELS.register(name)(factory)
 
 
-for _name, _builder in _RESNETS.items():
-    _register(_name, partial(_resnet, _builder))
-for _name, (_builder, _splits) in _MOBILE.items():
-    _register(_name, partial(_mobile, _builder, _splits))
+for _name in _RESNETS:
+    _register(f"tv_{_name}", partial(_resnet, _name))
+for _name, _splits in _MOBILE.items():
+    _register(f"tv_{_name}", partial(_mobile, _name, _splits))

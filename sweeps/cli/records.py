@@ -88,6 +88,7 @@ def best(
         "metrics": {k: trial.data.metrics.get(k) for k in ("val_acc_best", "test_acc", "best_epoch")},
         "sweep_metrics": sweep.data.metrics,
         "model_uri": sweep_tags.get(tags.MODEL_URI), "model_version": sweep_tags.get(tags.MODEL_VERSION),
+        "champion": sweep_tags.get(tags.CHAMPION),
     }
     if as_json:
         out.print_json(json.dumps(summary))
@@ -148,6 +149,34 @@ def pull(
         for path in sorted(Path(local).iterdir()):
             shutil.copy2(path, to / path.name)
             out.print(f"{to / path.name}")
+    if trial is None:
+        out.print(f"model: {sweep.data.tags[tags.MODEL_URI]}", soft_wrap=True)  # the same student, in MLflow
+
+
+def pinned_version(model_uri: str, version: str | None) -> tuple[str, str]:
+    """(model name, version) of what a sweep recorded: `models:/NAME/N`, or (older sweeps)
+    `models:/NAME@ALIAS` beside the version tag."""
+    name_part = model_uri.removeprefix("models:/")
+    if "@" in name_part:
+        return name_part.split("@", 1)[0], version or ""
+    name, _, number = name_part.rpartition("/")
+    return name, number
+
+
+@app.command()
+@user_errors
+def promote(name: SweepName, tracking_uri: TrackingUri = None) -> None:
+    """Give a sweep's exported student the `champion` alias, whatever the automatic rule decided."""
+    from sweeps.export import ALIAS
+
+    tracker = open_tracker(tracking_uri, reading=True)
+    sweep = find_sweep(tracker, name)
+    if tags.MODEL_URI not in sweep.data.tags:
+        raise NotFoundError(f"sweep {name!r} has no exported student (status {sweep.info.status})")
+    model, version = pinned_version(sweep.data.tags[tags.MODEL_URI], sweep.data.tags.get(tags.MODEL_VERSION))
+    tracker.client.set_registered_model_alias(model, ALIAS, version)
+    tracker.set_tags(sweep.info.run_id, {tags.CHAMPION: "promoted by hand (kdsweep promote)"})
+    out.print(f"models:/{model}@{ALIAS} -> models:/{model}/{version}", soft_wrap=True)
 
 
 @app.command()

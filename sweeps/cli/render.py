@@ -52,7 +52,7 @@ def print_outcome(outcome: Any) -> None:
                   f"test {row['test_acc']:.4f}", soft_wrap=True)
     delta = outcome.export.test_acc - m["test_acc"]
     out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
-    out.print(f"model: {outcome.export.model_uri} (version {outcome.export.model_version})", soft_wrap=True)
+    out.print(f"model: {outcome.export.model_uri} (pinned; champion: {outcome.export.champion})", soft_wrap=True)
     out.print(f"files: {outcome.export.directory}", soft_wrap=True)
     out.print(f"pull it: kdsweep pull {outcome.name} --to DIR", soft_wrap=True)
 
@@ -95,7 +95,8 @@ def print_best(summary: dict[str, Any], baseline_test_acc: Any) -> None:
     out.print(f"  baseline_test_acc = {baseline_test_acc}")
     for key, value in sorted(summary["params"].items()):
         out.print(f"  {key}: {value}")
-    out.print(f"  model: {summary['model_uri']} (version {summary['model_version']})")
+    out.print(f"  model: {summary['model_uri']} (version {summary['model_version']}; champion: "
+              f"{summary.get('champion') or 'not recorded'})", soft_wrap=True)
 
 
 def print_pareto(sweep_name: str, rows: list[dict[str, Any]]) -> None:

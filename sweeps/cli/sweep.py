@@ -46,7 +46,7 @@ def run(
     runner = _runner(address)
     name = name or runner.default_sweep_name(spec)
     runner.check_new_sweep(tracker, name, storage.resolve())  # before Ray starts
-    _in_ray_session(address, lambda: runner.run_sweep(
+    _in_ray_session(address, name, lambda: runner.run_sweep(
         spec, name=name, storage=storage, tracking_uri=tracker.uri, console=err))
 
 
@@ -61,7 +61,7 @@ def resume(
     tracker = open_tracker(tracking_uri, reading=True)
     runner = _runner(address)
     context = runner.resumable(name, tracker)  # before Ray starts
-    _in_ray_session(address, lambda: runner.resume_sweep(context, console=err))
+    _in_ray_session(address, name, lambda: runner.resume_sweep(context, console=err))
 
 
 def _pin(spec: SweepSpec, tracking_uri: str | None) -> SweepSpec:
@@ -81,8 +81,9 @@ def _runner(address: str | None) -> ModuleType:
     return runner
 
 
-def _in_ray_session(address: str | None, drive: Callable[[], Any]) -> None:
-    """Run `drive()` with Ray up; print its outcome, or exit 1 if no trial finished."""
+def _in_ray_session(address: str | None, name: str, drive: Callable[[], Any]) -> None:
+    """Run `drive()` with Ray up; print its outcome, or exit 1 if no trial finished, or 128 +
+    the signal number (130, 143) if SIGINT or SIGTERM interrupted it."""
     from sweeps import runner
 
     with ray_session(address, env_vars=runner.WORKER_ENV):
@@ -91,4 +92,8 @@ def _in_ray_session(address: str | None, drive: Callable[[], Any]) -> None:
         except runner.SweepFailedError as error:
             err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except runner.Interrupted as error:
+            err.print(f"[bold yellow]sweep {error}:[/] continue it with `kdsweep resume {name}`",
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(error.exit_code) from None
     print_outcome(outcome)

@@ -217,6 +217,9 @@ class ParamSpec(Strict):
 class TrackingSpec(Strict):
     experiment: str = "kdsweep"
     registered_model: str | None = None  # default: "<spec name>-student"
+    #: When the exported version takes the `champion` alias: `better` (only when its val accuracy
+    #: beats the current champion's on the same data; the first version always), `always`, `never`.
+    champion: Literal["better", "always", "never"] = "better"
 
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
