@@ -15,7 +15,7 @@ import yaml
 from sweeps import tags
 from sweeps.tracking import Tracker
 
-TRIALS, EPOCHS = 6, 6
+TRIALS, EPOCHS = 4, 4
 
 
 def test_resume_after_the_driver_is_killed(tmp_path) -> None:
