@@ -11,8 +11,8 @@ from kd_core.data import DATASETS, Dataset
 
 @pytest.fixture(scope="session")
 def digits_sweep(tmp_path_factory) -> dict[str, Any]:
-    """One small real sweep (tests/digits_sweep.py), shared by the e2e and browser tests."""
-    from tests.digits_sweep import run_digits_sweep
+    """One small real sweep (tests/sweep_cli.py), shared by the e2e and browser tests."""
+    from tests.sweep_cli import run_digits_sweep
 
     return run_digits_sweep(tmp_path_factory.mktemp("digits_sweep"))
 

@@ -3,9 +3,6 @@ every method runs (one initial point each), every derived stage trains once, lin
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,7 +10,7 @@ import yaml
 
 from kd_core.distillers import DISTILLERS
 from sweeps import tags
-from sweeps.tracking import Tracker
+from tests.sweep_cli import run_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 # Every method kdsweep ships that is swept on its own (by the registry, never a list of names).
@@ -38,14 +35,8 @@ def sweep(tmp_path_factory) -> dict:
             point["method.num_assistants"] = 2
     spec["sweep"].update(num_trials=len(METHODS), initial_points=points,
                          scheduler={"type": "asha", "grace_period": 2, "reduction_factor": 2})
-    work = tmp_path_factory.mktemp("all_methods")
-    (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))  # order matters for `when`
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", "all"],
-                          cwd=work, env=env, capture_output=True, text=True, timeout=1200)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
-    tracker = Tracker(f"sqlite:///{work / 'mlflow.db'}")
-    (parent,) = tracker.find_sweeps("all")
+    swept = run_spec(tmp_path_factory.mktemp("all_methods"), spec, "all", timeout=1200)
+    tracker, parent = swept["tracker"], swept["parent"]
     return {"tracker": tracker, "parent": parent, "children": tracker.children(parent.info.run_id)}
 
 

@@ -1,4 +1,4 @@
-"""The MLflow UI in a real browser: the session's small real sweep (tests/digits_sweep.py), `kdsweep ui`
+"""The MLflow UI in a real browser: the session's small real sweep (tests/sweep_cli.py), `kdsweep ui`
 on 127.0.0.1, headless Chromium.
 
 Chromium is Debian's (`make test` installs it); Playwright drives it through its bundled driver.
@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
-from tests.digits_sweep import MODEL, NAME, SPEC, TRIALS
+from tests.sweep_cli import MODEL, NAME, SPEC, TRIALS
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "browser"
@@ -46,7 +46,7 @@ def chromium() -> str:
 
 @pytest.fixture(scope="module")
 def sweep(digits_sweep) -> dict:
-    """The session's small digits sweep (tests/digits_sweep.py) and its child runs' names."""
+    """The session's small digits sweep (tests/sweep_cli.py) and its child runs' names."""
     tracker, parent = digits_sweep["tracker"], digits_sweep["parent"]
     children = sorted(r.info.run_name for r in tracker.children(parent.info.run_id))
     return {**digits_sweep, "children": children}

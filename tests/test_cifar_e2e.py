@@ -4,14 +4,9 @@ real Ray Tune, Optuna and MLflow, with device-resident crop/flip augmentation.""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-import yaml
-
-from sweeps.tracking import Tracker
 from tests.cifar_files import write_cifar
+from tests.sweep_cli import run_spec
 
 
 def test_cifar_sweep_runs_end_to_end(tmp_path) -> None:
@@ -27,13 +22,8 @@ def test_cifar_sweep_runs_end_to_end(tmp_path) -> None:
         "sweep": {"num_trials": 2, "max_concurrent": 2, "scheduler": {"type": "none"}},
         "tracking": {"registered_model": "cifar_e2e_student"},
     }
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", "cifar"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (parent,) = tracker.find_sweeps("cifar")
+    swept = run_spec(tmp_path, spec, "cifar")
+    tracker, parent = swept["tracker"], swept["parent"]
     trials = tracker.children(parent.info.run_id, "trial")
     assert len(trials) == 2 and all(r.info.status == "FINISHED" for r in trials)
     assert all(r.data.params["arch"] == "resnet8()" and r.data.params["teacher"] == "resnet14()" for r in trials)

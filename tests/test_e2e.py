@@ -24,7 +24,7 @@ from kd_core.data import DATASETS
 from kd_core.stages import StageStore
 from kd_core.train import evaluate
 from sweeps import tags
-from tests.digits_sweep import EPOCHS, NAME, TRIALS, kdsweep
+from tests.sweep_cli import EPOCHS, NAME, TRIALS, kdsweep
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -3,18 +3,13 @@ generated CIFAR-format data, weights from local files (nothing is downloaded).""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
-import yaml
 
 from kd_core.models import build_model
 from sweeps.spec import SpecError, parse_spec
-from sweeps.tracking import Tracker
 from tests.cifar_files import write_cifar
+from tests.sweep_cli import run_spec
 
 FAMILIES = ["resnet10t", "efficientnet_b0", "mobilenetv3_small_050", "regnetx_002", "convnext_atto"]
 
@@ -82,13 +77,8 @@ def test_timm_teacher_and_student_in_a_kd_sweep(tmp_path) -> None:
                   "initial_points": [{"method.name": "kd"}, {"method.name": "simkd"}]},
         "tracking": {"registered_model": "timm_student"},
     }
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
-    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    done = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", "spec.yaml", "--name", "timm"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    (parent,) = tracker.find_sweeps("timm")
+    swept = run_spec(tmp_path, spec, "timm")
+    tracker, parent = swept["tracker"], swept["parent"]
     trials = tracker.children(parent.info.run_id, "trial")
     assert sorted(r.data.params["method"] for r in trials) == ["kd", "simkd"]
     assert all(r.info.status == "FINISHED" for r in trials)
