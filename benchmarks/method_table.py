@@ -12,6 +12,8 @@ the method is not distinguishable from CE-only at this many seeds. Writes JSON a
     .venv/bin/python benchmarks/method_table.py --spec sweeps/specs/fashion_mnist_all_methods.yaml \
         --trials 5 --seeds 5                                         # the docs/methods.md table
     .venv/bin/python benchmarks/method_table.py --trials 4 --seeds 2 --methods ce kd dgkd   # digits
+    .venv/bin/python benchmarks/method_table.py --spec ... --methods dkd crd --add-to TABLE.json
+                                            # new rows beside an earlier run's (same spec and seeds)
 
 On a GPU: copy the spec, drop `data.train_subset`, set `sweep.gpus_per_trial: 1` (and
 `max_concurrent` to the number of GPUs), raise the epochs, and pass the copy with `--spec`.
@@ -76,6 +78,19 @@ def format_difference(diff: dict[str, float] | None) -> str:
     return f"{100 * diff['mean']:+.2f} [{100 * diff['low']:+.2f}, {100 * diff['high']:+.2f}]"
 
 
+def earlier_rows(path: str | None, args: argparse.Namespace, methods: list[str]) -> list[dict[str, Any]]:
+    """The rows of an earlier run's JSON except those of `methods` ([] without `path`). Raises
+    SystemExit when that run used another spec, trial count or seed count (not comparable)."""
+    if path is None:
+        return []
+    earlier = json.loads(Path(path).read_text())
+    ours = {"spec": Path(args.spec).resolve(), "trials": args.trials, "seeds": args.seeds}
+    theirs = {"spec": (ROOT / earlier["spec"]).resolve(), "trials": earlier["trials"], "seeds": earlier["seeds"]}
+    if ours != theirs:
+        raise SystemExit(f"--add-to {path}: made with {theirs}, this run is {ours}; rows would not be comparable")
+    return [row for row in earlier["rows"] if row["method"] not in methods]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", default=str(ROOT / "sweeps/specs/digits_all_methods.yaml"))
@@ -85,6 +100,8 @@ def main() -> None:
     parser.add_argument("--workdir", default=str(ROOT / "benchmarks/results/method_table"))
     parser.add_argument("--json", default=str(ROOT / "benchmarks/results/method_table.json"))
     parser.add_argument("--markdown", default=str(ROOT / "benchmarks/results/method_table.md"))
+    parser.add_argument("--add-to", help="an earlier run's JSON (same spec, trials and seeds): its rows are kept, "
+                                         "those of --methods replaced, and the CE-only row compared with")
     args = parser.parse_args()
 
     console = Console(stderr=True)
@@ -95,7 +112,7 @@ def main() -> None:
     uri = resolve_tracking_uri(f"sqlite:///{workdir / 'mlflow.db'}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     init_ray(None, env_vars=WORKER_ENV)
-    rows: list[dict[str, Any]] = []
+    rows = earlier_rows(args.add_to, args, methods)
     for method in methods:
         one = method_spec(spec, method, args.trials)
         started = time.monotonic()

@@ -3,9 +3,10 @@
 `up` starts a Ray head on 127.0.0.2 and N worker nodes on 127.0.0.3, 127.0.0.4, ... (one
 `ray start --block` process per node), token authentication on, the dashboard on loopback,
 and `mlflow server` on 127.0.0.1 (SQLite or any SQLAlchemy backend store, artifacts proxied
-by the server). Every process is started in a session of its own and carries a cluster id in
-its environment, and the state file records ports, pids and URLs, so `down` stops exactly
-what `up` started (`ray stop` would stop every Ray on the machine) and verifies it.
+by the server; with `mlflow_auth`, MLflow's basic-auth app: every request needs a user and
+password). What listens where: docs/security.md. Every process is started in a session of its
+own and carries a cluster id in its environment, and the state file records ports, pids and
+URLs, so `down` stops exactly what `up` started (`ray stop` would stop every Ray on the machine) and verifies it.
 
 Linux only: processes are found through /proc.
 """
@@ -45,6 +46,8 @@ from cluster.state import (
     Node,
     cluster_processes,
     list_nodes,
+    mlflow_auth_config,
+    private_file,
 )
 
 HEAD_IP = LOOPBACK_IP
@@ -54,6 +57,13 @@ NODE_PORTS = ("node_manager", "object_manager", "dashboard_agent_listen", "dashb
               "metrics_export", "runtime_env_agent")
 HEAD_PORTS = ("gcs", "dashboard", "client_server", "autoscaler_metrics", "dashboard_metrics", "mlflow")
 OBJECT_STORE_BYTES = 128 * 2**20
+#: The cluster's ports that Ray binds to every interface, not to the node's loopback address:
+#: Ray (2.60) binds a server to loopback only when the node address is 127.0.0.1 itself, and the
+#: nodes need an address each. Token auth guards the gRPC ones; the metrics ones answer anyone
+#: who can reach them (docs/security.md, "Network"). Worker processes' ports (min_worker to
+#: max_worker) are the same. Everything else listens on a loopback address.
+ALL_INTERFACES = {"head": ("gcs", "autoscaler_metrics", "dashboard_metrics"),
+                  "node": ("node_manager", "object_manager", "dashboard_agent_grpc", "metrics_export")}
 
 
 def _alive_ips(cluster: Cluster) -> set[str]:
@@ -99,9 +109,11 @@ def up(
     num_cpus: int = 1,
     dashboard_port: int = DEFAULT_DASHBOARD_PORT,
     backend_store_uri: str | None = None,
+    mlflow_auth: bool = False,
     timeout: float = 180,
 ) -> Cluster:
-    """Start the head, `workers` worker nodes and the MLflow server; wait until all are ready."""
+    """Start the head, `workers` worker nodes and the MLflow server; wait until all are ready.
+    `mlflow_auth`: the server runs MLflow's basic-auth app (`Cluster.mlflow_credentials`)."""
     if not 0 <= workers <= 250:
         raise ClusterError(f"--workers {workers}: use 0 to 250 (one loopback address each)")
     directory = directory.resolve()
@@ -118,9 +130,7 @@ def up(
     storage = directory / "storage"
     storage.mkdir(exist_ok=True)
     token_file = directory / TOKEN_FILE
-    token_file.touch(mode=0o600)
-    token_file.chmod(0o600)  # the token admits anyone to the cluster
-    token_file.write_text(secrets.token_hex(32))
+    private_file(token_file, secrets.token_hex(32))  # the token admits anyone to the cluster
 
     per_node = len(NODE_PORTS) + WORKER_PORTS
     base = port_block(len(HEAD_PORTS) + (workers + 1) * per_node)
@@ -133,10 +143,17 @@ def up(
         dashboard_url=f"http://{HEAD_IP}:{head_ports['dashboard']}",
         tracking_uri=f"http://{MLFLOW_HOST}:{head_ports['mlflow']}",
         storage=str(storage), token_file=str(token_file),
-        ray_temp=tempfile.mkdtemp(prefix="kdsray-", dir="/tmp"),
+        ray_temp=tempfile.mkdtemp(prefix="kdsray-", dir="/tmp"),  # 0700: other users cannot enter
+        mlflow_auth=mlflow_auth, head_ports=head_ports,
     )
+    server_env = {}
+    if mlflow_auth:
+        # The auth app's forms need a CSRF secret; one per server start is enough for one server.
+        server_env = {"MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(directory)),
+                      "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI")}
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_USERNAME",
+                        "MLFLOW_TRACKING_PASSWORD")}
     env.update({
         CLUSTER_ID_ENV: cluster.cluster_id,
         "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file),
@@ -146,6 +163,7 @@ def up(
         # Fixed by default in Ray (44217, 44227): clash with any other Ray on the machine.
         "AUTOSCALER_METRIC_PORT": str(head_ports["autoscaler_metrics"]),
         "DASHBOARD_METRIC_PORT": str(head_ports["dashboard_metrics"]),
+        **cluster.mlflow_credentials(),  # job drivers and trials inherit them from their node
     })
     cluster.save()  # from here on `down` can clean up whatever was started
     try:
@@ -154,9 +172,10 @@ def up(
         cluster.mlflow_pid = spawn(
             [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", store,
              "--artifacts-destination", str(directory / "mlartifacts"),
-             "--host", MLFLOW_HOST, "--port", str(head_ports["mlflow"]), "--workers", "1"],
+             "--host", MLFLOW_HOST, "--port", str(head_ports["mlflow"]), "--workers", "1",
+             *(["--app-name", "basic-auth"] if mlflow_auth else [])],
             # Its background job runners (7 processes, for GenAI features) are not needed here.
-            {**env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_log)
+            {**env, **server_env, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}, mlflow_log)
         cluster.save()
         offset = base + len(HEAD_PORTS)
         for index in range(workers + 1):

@@ -1,19 +1,28 @@
 """Where a sweep's Ray runs: a local Ray kept on loopback, or a cluster reached by address,
 with its token. The command line opens one `ray_session` around a sweep.
+
+A local Ray listens on loopback only: its node address is 127.0.0.1, the one address for which
+Ray binds its gRPC servers, agents and metrics endpoints to loopback rather than to every
+interface. Ray replaces 127.0.0.1 by the machine's external address unless multi-node clusters
+are off (`RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`), which is what a single local node is. Its
+token lives only in the environment of this process and of Ray's (readable by this user
+alone), so Ray writes no world-readable token file. docs/security.md lists every socket.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from cluster.addresses import LOOPBACK_IP
+from cluster.addresses import LOCAL_RAY_IP
 from cluster.processes import ClusterError
 from cluster.state import DEFAULT_DIR, find_local
 
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read by Ray at import; "0": single-node only
 
 
 def use_local_cluster_token(address: str | None, directory: Path = DEFAULT_DIR) -> None:
@@ -39,9 +48,35 @@ def _token_auth_if_given(address: str) -> None:
         _enable_token_auth()
 
 
+def _start_local(num_cpus: int | None, runtime_env: dict) -> None:
+    """`ray.init` of a single node on LOCAL_RAY_IP, every server on loopback, with a private token."""
+    import ray
+    from ray._private import ray_constants
+
+    if not set(TOKEN_VARIABLES) & os.environ.keys():
+        # In the environment only: Ray would otherwise write ~/.ray/auth_token readable by all.
+        os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    # Ray's processes read the switch from their environment; this process read it at import.
+    saved = os.environ.get(CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[CLUSTER_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False
+    try:
+        ray.init(_node_ip_address=LOCAL_RAY_IP, num_cpus=num_cpus, include_dashboard=False,
+                 runtime_env=runtime_env, log_to_driver=False)
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(CLUSTER_SWITCH)
+        else:
+            os.environ[CLUSTER_SWITCH] = saved[0]
+    node_ip = ray.util.get_node_ip_address()
+    if node_ip != LOCAL_RAY_IP:  # Ray would listen on every interface: refuse rather than run so
+        ray.shutdown()
+        raise ClusterError(f"the local Ray took node address {node_ip}, not {LOCAL_RAY_IP}")
+
+
 def init_ray(address: str | None, *, num_cpus: int | None = None, env_vars: dict[str, str] | None = None) -> bool:
-    """Start a local Ray on LOOPBACK_IP (no dashboard), or connect to `address`; True if this
-    call started or connected (False: this process already had Ray).
+    """Start a local Ray on LOCAL_RAY_IP (no dashboard, loopback only), or connect to `address`;
+    True if this call started or connected (False: this process already had Ray).
 
     `env_vars` reach every worker process. Raises ClusterError when Ray cannot start or be reached.
     """
@@ -56,14 +91,13 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, env_vars: dict
             _token_auth_if_given(address)
             ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
         else:
-            ray.init(_node_ip_address=LOOPBACK_IP, num_cpus=num_cpus, include_dashboard=False,
-                     runtime_env=runtime_env, log_to_driver=False)
+            _start_local(num_cpus, runtime_env)
     except (ConnectionError, ValueError) as error:
         raise ClusterError(f"cannot start or reach Ray at {address or LOCAL_DESCRIPTION}: {error}") from None
     return True
 
 
-LOCAL_DESCRIPTION = f"a local Ray on {LOOPBACK_IP}"
+LOCAL_DESCRIPTION = f"a local Ray on {LOCAL_RAY_IP}"
 
 
 @contextmanager

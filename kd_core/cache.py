@@ -123,13 +123,23 @@ def training_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The training batches (images, labels) of epoch `epoch` of seed `seed`, as `fit` trains on
     them without a cache: the `epoch_draws` of a replayable split, else the split's own shuffle."""
+    for images, labels, _index in indexed_training_batches(split, batch_size, seed, epoch):
+        yield images, labels
+
+
+def indexed_training_batches(
+    split: SplitLike, batch_size: int, seed: int, epoch: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    """`training_batches` with each batch's dataset indices into `split`, (n,) int64 on the
+    split's device: (images, labels, index). The index is None for a split that is not
+    `replayable` (it shuffles on its own and does not say which images it drew)."""
     if not replayable(split):
-        yield from split.batches(batch_size, epoch_generator(seed, epoch))
+        for images, labels in split.batches(batch_size, epoch_generator(seed, epoch)):
+            yield images, labels, None
         return
     assert isinstance(split, Split)
     draws = epoch_draws(split, seed, epoch)
-    for images, labels, _index in _protocol_batches(split, batch_size, draws.order, draws.views):
-        yield images, labels
+    yield from _protocol_batches(split, batch_size, draws.order, draws.views)
 
 
 def fill_batch_size(device: torch.device) -> int:
@@ -274,6 +284,14 @@ class SourceLogitCache:
         `epoch` of seed `seed`, in `epoch_draws` order. Exact and per epoch modes show the live
         protocol's views (the same images as without the cache); bank mode shows each image in
         one of its K stored views, picked per (seed, epoch)."""
+        for images, labels, logits, _index in self.indexed_batches(batch_size, seed, epoch):
+            yield images, labels, logits
+
+    def indexed_batches(
+        self, batch_size: int, seed: int, epoch: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]]:
+        """`batches` with each batch's dataset indices into the split, (n,) int64 on its device:
+        (images, labels, logits, index)."""
         split = self.split
         draws = epoch_draws(split, seed, epoch)
         if self.fixed is None:  # per epoch
@@ -288,7 +306,7 @@ class SourceLogitCache:
             chosen, images = chosen.to(self.device), images.to(self.device)
             logits = [fixed[chosen, images] for fixed in self.fixed]
         for batch, labels, index in _protocol_batches(split, batch_size, draws.order, views):
-            yield batch, labels, [source[index].float() for source in logits]
+            yield batch, labels, [source[index].float() for source in logits], index
 
     def disk_bytes(self) -> int:
         """Bytes the cache files of these sources take on disk (every seed and epoch so far)."""

@@ -42,17 +42,18 @@ def _is_state_dict(value: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in value.items())
 
 
-def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
-    """The state dict in `path` (unwrapped, `module.` prefix removed).
+def load_tensors(path: str | Path) -> Any:
+    """`torch.load(path, weights_only=True)`: tensors and plain containers, never code.
 
-    Raises CheckpointError when the file is missing, unreadable or truncated, would need
-    unpickling code, or holds no state dict (under `key`, when given).
+    Raises CheckpointError naming the file when it is missing, unreadable or truncated, or holds
+    a pickled object whose loading could run code (torch's own message, which suggests
+    `weights_only=False`, is never shown).
     """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         found = re.search(r"GLOBAL ([\w.]+)", str(error))
         if found is None:  # not a pickle of objects: garbage or a damaged file
@@ -61,6 +62,16 @@ def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch
                               "loading could run code; save a plain state dict (tensors only)") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as error:
         raise CheckpointError(f"checkpoint {path}: unreadable or truncated ({type(error).__name__})") from None
+
+
+def read_state_dict(path: str | Path, key: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict in `path` (unwrapped, `module.` prefix removed).
+
+    Raises CheckpointError when the file is missing, unreadable or truncated, would need
+    unpickling code, or holds no state dict (under `key`, when given).
+    """
+    path = Path(path)
+    loaded = load_tensors(path)
     if key is not None:
         if not isinstance(loaded, Mapping) or key not in loaded:
             found = ", ".join(map(repr, list(loaded)[:SHOWN])) if isinstance(loaded, Mapping) else type(loaded).__name__

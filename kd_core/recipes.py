@@ -6,6 +6,7 @@ A spec names a recipe and may override any field (`recipe: {name: digits, epochs
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -15,6 +16,8 @@ from kd_core.registry import Registry
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "multistep", "constant")
+MAX_EPOCHS = 100_000  # sane upper bounds: a larger value is a typo (1e12), not a plan
+MAX_BATCH_SIZE = 65_536
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,14 +35,24 @@ class Recipe:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.epochs < 1:
-            problems.append(f"epochs must be >= 1, got {self.epochs}")
-        if self.batch_size < 1:
-            problems.append(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.lr <= 0:
+        for name, low, high in (("epochs", 1, MAX_EPOCHS), ("batch_size", 1, MAX_BATCH_SIZE)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                problems.append(f"{name} must be a whole number, got {value!r}")
+            elif value < low:
+                problems.append(f"{name} must be >= {low}, got {value}")
+            elif value > high:
+                problems.append(f"{name} must be <= {high} (a sane upper bound), got {value}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
             problems.append(f"lr must be > 0, got {self.lr}")
-        if self.weight_decay < 0:
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
             problems.append(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not 0 <= self.momentum < 1:
+            problems.append(f"momentum must be >= 0 and < 1, got {self.momentum}")
+        elif self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            problems.append("nesterov needs momentum > 0 (got momentum 0): set momentum > 0 or nesterov: false")
+        if not (math.isfinite(self.gamma) and self.gamma > 0):
+            problems.append(f"gamma must be > 0, got {self.gamma}")
         if self.optimizer not in OPTIMIZERS:
             problems.append(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
@@ -47,6 +60,15 @@ class Recipe:
         if problems:
             raise ValueError("; ".join(problems))
         object.__setattr__(self, "milestones", tuple(int(m) for m in self.milestones))
+        self._check_builds()
+
+    def _check_builds(self) -> None:
+        """Build the optimizer and schedule once on a dummy parameter, so a combination torch
+        refuses fails here, where the recipe is given, not in a training process."""
+        try:
+            self.make_scheduler(self.make_optimizer([nn.Parameter(torch.zeros(1))]))
+        except (ValueError, TypeError, RuntimeError) as error:
+            raise ValueError(f"the optimizer or schedule cannot be built: {error}") from None
 
     def with_overrides(self, overrides: dict[str, Any]) -> Recipe:
         known = [f.name for f in dataclasses.fields(self)]

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from filelock import FileLock
 
-from kd_core.checkpoints import sha256_file
+from kd_core.checkpoints import load_tensors, sha256_file
 from kd_core.models import StagedModel, build_model
 
 WEIGHTS_FILE = "weights.pt"
@@ -173,8 +173,7 @@ class StageRecord:
             model = build_model(
                 arch["name"], self.meta["num_classes"], self.meta["in_channels"], arch.get("args", {})
             )
-            state = torch.load(self.path / WEIGHTS_FILE, weights_only=True, map_location="cpu")
-            model.load_state_dict(state)
+            model.load_state_dict(load_tensors(self.path / WEIGHTS_FILE))  # weights_only: nothing runs
         except Exception as error:  # truncated, garbage, another architecture's weights, bad metadata
             first = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise CorruptStageError(self.key, self.path, f"{WEIGHTS_FILE} does not load: {first[:300]}") from error

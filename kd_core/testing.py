@@ -29,7 +29,7 @@ from kd_core.recipes import build_recipe
 from kd_core.stages import SourcePlan, StageSpec
 from kd_core.train import weighted_loss
 
-__all__ = ["build_distiller", "check_distiller", "contract_plan", "registered_methods"]
+__all__ = ["bind_sample_index", "build_distiller", "check_distiller", "contract_plan", "registered_methods"]
 
 TEACHER_WIDTH = 16
 ASSISTANT_WIDTHS = (12, 8, 6)  # largest first, as a spec lists them
@@ -91,6 +91,16 @@ def build_distiller(
         return cls(student, sources, params)
 
 
+def bind_sample_index(distiller: Distiller, labels: torch.Tensor) -> None:
+    """For a method with `needs_sample_index`, what `fit` gives it before a step on a batch of
+    `labels` (N,): a training set of the batch's labels twice over (2N images) bound with
+    `bind_training_set`, and `sample_index` set to the batch's indices in it (0..N-1). Nothing
+    for other methods."""
+    if type(distiller).needs_sample_index:
+        distiller.bind_training_set(labels.repeat(2))
+        distiller.sample_index = torch.arange(len(labels), device=labels.device)
+
+
 def check_distiller(name: str, *, num_classes: int = 10, in_channels: int = 1, image_size: int = 8) -> None:
     """Check that registered method `name` keeps the Distiller contract (kd_core.distillers.base).
 
@@ -102,6 +112,8 @@ def check_distiller(name: str, *, num_classes: int = 10, in_channels: int = 1, i
     `frozen_sources`, sources stay in eval mode in training and get no gradient; `after_step`
     returns a dict of floats; in eval mode `predict` equals `deployable()(x)`, shape
     (N, num_classes); the deployable's state_dict restores a fresh distiller's deployable.
+    A method with `needs_sample_index` is first bound to a small training set and given the
+    batch's indices (`bind_sample_index`), as `fit` does.
 
     Raises AssertionError (or ContractError for mismatched terms and weights), the message
     naming the method.
@@ -114,6 +126,7 @@ def check_distiller(name: str, *, num_classes: int = 10, in_channels: int = 1, i
         distiller = build_distiller(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
         images = torch.randn(BATCH, in_channels, image_size, image_size)
         labels = torch.arange(BATCH) % num_classes
+        bind_sample_index(distiller, labels)
         distiller.train()
         _check_modes(distiller, label)
         logits, terms = _check_forward(distiller, images, labels, num_classes, label)
@@ -124,6 +137,7 @@ def check_distiller(name: str, *, num_classes: int = 10, in_channels: int = 1, i
                  label, f"after_step must return a dict of str -> float, got {extras!r}")
         fresh = build_distiller(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                                 seed=1)
+        bind_sample_index(fresh, labels)
         _check_deployable(distiller, fresh, images, num_classes, label)
 
 

@@ -19,8 +19,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from kd_core.cache import SourceLogitCache, training_batches
-from kd_core.data.base import Dataset, SplitLike
+from kd_core.cache import SourceLogitCache, indexed_training_batches, replayable
+from kd_core.data.base import Dataset, Split, SplitLike
 from kd_core.distillers.base import Distiller, TrainingPosition
 from kd_core.recipes import Recipe
 
@@ -119,8 +119,14 @@ def fit(
     bank cache, `views=K`, shows its stored views instead). `precision` (autocast) and
     `channels_last` apply on CUDA only; on the CPU training stays float32. Every step passes
     its `TrainingPosition` to `forward_train` and checks the returned term names against the
-    weight fields (raises `ContractError` on a mismatch, naming the method).
+    weight fields (raises `ContractError` on a mismatch, naming the method). Every step also
+    sets `distiller.sample_index`, the batch's dataset indices into `data.train`; for a method
+    with `needs_sample_index`, `fit` first calls `distiller.bind_training_set(labels)` (before
+    the optimizer and the resumed state) and raises ValueError, naming the method, when the
+    training split cannot give the indices.
     """
+    if type(distiller).needs_sample_index:
+        _bind_training_set(distiller, data.train)
     device = next(distiller.parameters()).device
     on_cuda = device.type == "cuda"
     autocast_dtype = getattr(torch, precision) if on_cuda and precision != "float32" else None
@@ -153,20 +159,20 @@ def fit(
         # The epoch's order and augmentation depend on (seed, epoch) only (kd_core.cache.epoch_draws):
         # every method, with the cache or without, trains on the same batches.
         if source_cache is not None:
-            batches = source_cache.batches(recipe.batch_size, seed, epoch)
+            batches = source_cache.indexed_batches(recipe.batch_size, seed, epoch)
         else:
-            batches = ((images, labels, None)
-                       for images, labels in training_batches(data.train, recipe.batch_size, seed, epoch))
+            batches = ((images, labels, None, index) for images, labels, index
+                       in indexed_training_batches(data.train, recipe.batch_size, seed, epoch))
         # Loss sums stay on the device (one synchronisation per epoch, not per step); the
         # floats of `after_step` (a method's own optimizer) are summed on the host.
         loss_sums: torch.Tensor | None = None
         correct = torch.zeros((), device=device, dtype=torch.long)
         extra_sums: dict[str, float] = {}
         seen = 0
-        for index, (images, labels, cached) in enumerate(batches):
-            position = TrainingPosition(epoch, (epoch - 1) * epoch_steps + index, epoch_steps, recipe.epochs)
+        for batch_index, (images, labels, cached, sample_index) in enumerate(batches):
+            position = TrainingPosition(epoch, (epoch - 1) * epoch_steps + batch_index, epoch_steps, recipe.epochs)
             images = images.contiguous(memory_format=memory_format) if images.dim() == 4 else images
-            distiller.cached_source_logits = cached
+            distiller.cached_source_logits, distiller.sample_index = cached, sample_index
             with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
                 logits, terms = distiller.forward_train(images, labels, position)
                 distiller.check_terms(terms)  # a term without a weight must fail, not count as 0
@@ -183,7 +189,7 @@ def fit(
             correct += (logits.argmax(1) == labels).sum()
             for name, value in distiller.after_step(images, labels, logits).items():
                 extra_sums[f"train_{name}"] = extra_sums.get(f"train_{name}", 0.0) + value * n
-        distiller.cached_source_logits = None
+        distiller.cached_source_logits = distiller.sample_index = None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
         names = ["train_loss", *(f"train_loss_{name}" for name in terms)]
@@ -218,6 +224,19 @@ def fit(
     if best["state"] is None:  # resumed after the last epoch
         best["state"] = _clone(deployable.state_dict())
     return FitResult(int(best["epoch"]), metrics, best["state"], recipe.epochs - start_epoch)
+
+
+def _bind_training_set(distiller: Distiller, train: SplitLike) -> None:
+    """Give a method that reads sample indices its training set's labels, or refuse the split."""
+    if not replayable(train):
+        raise ValueError(
+            f"{distiller.method_label()} needs each training image's dataset index (needs_sample_index), "
+            f"but the training split ({type(train).__name__}) cannot give it: only a device-resident Split "
+            "whose augmentation can replay views (kd_core.cache.replayable) yields indices, not a "
+            "DataLoader-backed split"
+        )
+    assert isinstance(train, Split)
+    distiller.bind_training_set(train.labels)
 
 
 def _test_metrics(

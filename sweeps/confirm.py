@@ -16,9 +16,18 @@ import ray
 
 from kd_core.train import EpochReport, fit
 from sweeps import tags
-from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources, worker_setup
+from sweeps.pipeline import (
+    SweepContext,
+    build_distiller,
+    fit_options,
+    load_dataset,
+    task_options,
+    trial_sources,
+    worker_setup,
+)
 from sweeps.results import METRIC, TrialSummary, ranked
 from sweeps.space import resolve_trial
+from sweeps.spec import SweepSettings
 from sweeps.tracking import Tracker, child_run
 from sweeps.trainable import trial_params
 
@@ -73,12 +82,17 @@ def retrain_task(context: SweepContext, trial_id: str, sampled: dict[str, Any], 
     return retrain(context, trial_id, sampled, seed, device)
 
 
+def confirm_task(settings: SweepSettings) -> Any:
+    """`retrain_task` as a Ray remote function with a trial's resources (CPUs and GPUs)."""
+    return ray.remote(**task_options(settings))(retrain_task)
+
+
 def confirm_top_k(context: SweepContext, trials: list[TrialSummary], tracker: Tracker) -> list[Confirmation]:
     """Re-train the top-k finished configurations with `sweep.confirm.seeds` new seeds each."""
     settings = context.spec.sweep
     top = ranked(trials)[: settings.confirm.top_k]
     seeds = [settings.seed + 1 + i for i in range(settings.confirm.seeds)]
-    task = ray.remote(retrain_task).options(num_cpus=settings.cpus_per_trial, num_gpus=settings.gpus_per_trial)
+    task = confirm_task(settings)
     pending = [[task.remote(context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds] for t in top]
     confirmations = []
     for rank, (trial, refs) in enumerate(zip(top, pending, strict=True), start=1):

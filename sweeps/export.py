@@ -1,6 +1,12 @@
 """Best student -> files (state dict, TorchScript, metadata) and an MLflow registered model
 version, each verified by reloading it and re-evaluating it on the test split.
 
+The registered model is the TorchScript student (MLflow's PyTorch flavour stores a ScriptModule
+with `torch.jit.save`), and `load_registered` reads it with `torch.jit.load`, which parses the
+TorchScript format itself and never calls Python's unpickler: nothing in the model store is
+unpickled as code, and a file that is not a TorchScript archive is refused. (`torch.export`'s
+"pt2" format cannot hold every student: SimKD's deployable sizes its pooling from a buffer.)
+
 A sweep refers to its student by the pinned version (`models:/NAME/VERSION`) everywhere. The
 `champion` alias moves by one rule (`champion_decision`): to a version whose val accuracy beats
 the current champion's on the same data, or when asked (`tracking.champion`, `kdsweep promote`).
@@ -11,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import mlflow
+import mlflow.artifacts
 import mlflow.pytorch
 import torch
 from mlflow import MlflowClient
@@ -24,7 +32,6 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 from torch import nn
 
-import kd_core
 from kd_core.checkpoints import sha256_file
 from kd_core.data import Dataset
 from kd_core.train import evaluate
@@ -37,6 +44,7 @@ META_FILE = "student.json"
 ARTIFACT_DIR = "export"
 PARETO_DIR = "pareto"  # pareto/<trial id>/: every Pareto-optimal student of a multi-objective sweep
 ALIAS = "champion"
+REGISTERED_FILE = "data/model.pth"  # where MLflow's PyTorch flavour keeps the TorchScript archive
 
 
 class ExportError(RuntimeError):
@@ -86,6 +94,24 @@ def _check(what: str, accuracy: float, expected: float) -> None:
         raise ExportError(f"{what}: test accuracy {accuracy:.6f} != recorded {expected:.6f}")
 
 
+class RegisteredModelError(ValueError):
+    """A registered model that is not a TorchScript archive (damaged, or replaced by a pickle)."""
+
+
+def load_registered(model_uri: str) -> torch.jit.ScriptModule:
+    """The registered student at `model_uri` (`models:/NAME/VERSION`, `models:/NAME@ALIAS`, a
+    run or a local path), read by `torch.jit.load` alone: no Python unpickling, so nothing in
+    the store runs. Raises RegisteredModelError naming the URI when it is not TorchScript."""
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        try:
+            return torch.jit.load(str(directory / REGISTERED_FILE), map_location="cpu")
+        except (RuntimeError, ValueError, OSError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise RegisteredModelError(f"{model_uri}: {REGISTERED_FILE} is not a TorchScript model, refused "
+                                       f"({first[:200]})") from None
+
+
 def write_student_files(
     model: nn.Module, data: Dataset, directory: Path, tracker: Tracker, parent_run_id: str,
     artifact_path: str, meta: dict[str, Any],
@@ -132,15 +158,14 @@ def export_student(
     mlflow.set_registry_uri(tracker.uri)
     with torch.no_grad():
         signature = infer_signature(example.numpy(), model(example).numpy())
-    # MLflow warns that pickles are unsafe to load; the safe files are the two above.
+    # MLflow warns about pickles: a ScriptModule is written by torch.jit.save, not pickled.
     logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
-    with mlflow.start_run(run_id=parent_run_id):
-        # A pickled nn.Module (with kd_core shipped beside it) loads as a full module that
-        # evaluates at any batch size; MLflow's "pt2" format fixes the example's shapes.
+    with mlflow.start_run(run_id=parent_run_id), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript is deprecated upstream
+        scripted = torch.jit.load(str(directory / TORCHSCRIPT_FILE))  # the file verified above
         logged = mlflow.pytorch.log_model(
-            model, name="student", registered_model_name=model_name, signature=signature,
-            serialization_format="pickle", code_paths=[str(Path(kd_core.__file__).parent)],
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+            scripted, name="student", registered_model_name=model_name, signature=signature,
+            serialization_format="pickle", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
         )
     version, client = str(logged.registered_model_version), tracker.client
     key = data_key(meta["data"])
@@ -152,6 +177,6 @@ def export_student(
     if promote:
         client.set_registered_model_alias(model_name, ALIAS, version)
     result = ExportResult(directory, test_acc, num_params, model_name, version, reason)
-    reloaded = mlflow.pytorch.load_model(result.model_uri)  # the pinned version: an alias may move meanwhile
+    reloaded = load_registered(result.model_uri)  # the pinned version: an alias may move meanwhile
     _check("MLflow model", evaluate(reloaded, data.test)[1], test_acc)
     return result

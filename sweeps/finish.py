@@ -20,7 +20,7 @@ from kd_core.train import load_checkpoint
 from sweeps import tags
 from sweeps.confirm import Confirmation, confirm_top_k
 from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
-from sweeps.pipeline import SweepContext, build_distiller, ensure_stage, load_dataset, trial_sources, worker_setup
+from sweeps.pipeline import SweepContext, build_distiller, load_dataset, stage_task, trial_sources, worker_setup
 from sweeps.plots import log_sweep_plots
 from sweeps.results import METRIC, TrialSummary, best_trial, pareto_front, status_counts
 from sweeps.search import STUDY_FILE
@@ -62,9 +62,8 @@ def finish_sweep(
     worker_setup(spec, None)  # the driver: every CPU
     console.print("training the CE-only baseline student (same architecture and recipe)...")
     # A Ray task with a trial's resources, so a GPU sweep trains its baseline on a GPU too.
-    baseline = ray.get(ray.remote(ensure_stage).options(
-        num_cpus=spec.sweep.cpus_per_trial, num_gpus=spec.sweep.gpus_per_trial,
-    ).remote(baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device))
+    baseline = ray.get(stage_task(spec.sweep).remote(
+        baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device))
     teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
     confirmations = confirm_top_k(context, trials, tracker) if spec.sweep.confirm.top_k else []
 

@@ -25,7 +25,7 @@ from sweeps import tags
 from sweeps.pretrained import initialise
 from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan
-from sweeps.spec import SweepSpec, load_plugins
+from sweeps.spec import SweepSettings, SweepSpec, load_plugins
 from sweeps.tracking import Tracker, child_run
 
 LOG = logging.getLogger("kdsweep")
@@ -56,6 +56,21 @@ class Source:
     stage: StageSpec
     record: StageRecord
     model: StagedModel
+
+
+def task_options(settings: SweepSettings) -> dict[str, float]:
+    """The Ray resources of one trial, stage or task (`ray.remote(...).options(**...)`): the CPUs
+    and GPUs the spec names, so GPU work is placed on GPU nodes and limited per GPU."""
+    return {"num_cpus": settings.cpus_per_trial, "num_gpus": settings.gpus_per_trial}
+
+
+def trial_resources(settings: SweepSettings) -> Any:
+    """A trial's placement request (`tune.with_resources`): one bundle with its CPUs and GPUs, a
+    `tune.PlacementGroupFactory`. Stages a trial trains run inside it, on these resources."""
+    from ray import tune  # the command line imports Ray only once its token is set (cluster.session)
+
+    bundle = {"CPU": settings.cpus_per_trial, **({"GPU": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
+    return tune.PlacementGroupFactory([bundle])
 
 
 def worker_setup(spec: SweepSpec, cpus: float | None) -> None:
@@ -227,3 +242,11 @@ def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageR
     """`resolve_stage` for a Ray task: returns only the (picklable) record."""
     worker_setup(context.spec, context.spec.sweep.cpus_per_trial)
     return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record
+
+
+def stage_task(settings: SweepSettings) -> Any:
+    """`ensure_stage` as a Ray remote function with a trial's resources (the baseline trains
+    where a trial would: on a GPU for a GPU sweep)."""
+    import ray
+
+    return ray.remote(**task_options(settings))(ensure_stage)

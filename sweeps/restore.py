@@ -9,13 +9,18 @@
 - `StudySearch`: OptunaSearch pickles its study storage (an absolute path) into the snapshot, and
   the study is written at once while the snapshot lags: after a crash the study may already hold
   results the restored searcher does not know, and Optuna refuses them a second time.
+- `check_storage_trusted`: `Tuner.restore` unpickles tuner.pkl and the searcher snapshots, and
+  unpickling runs whatever the file names, so `resume` refuses storage that another user could
+  have written (docs/security.md).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import shutil
+import stat
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +31,48 @@ from ray.tune.schedulers import TrialScheduler
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.spec import SpecError
+
 SNAPSHOT_GLOB = "experiment_state-*.json"  # Tune's snapshot; restore reads the newest name
+#: What `Tuner.restore` unpickles from an experiment directory (every file of these patterns).
+PICKLED_STATE = ("tuner.pkl", "search_gen_state-*.json", "searcher-state-*.pkl")
+
+
+class UntrustedStorageError(SpecError):
+    """Sweep storage that another user could have written: resuming from it could run their code."""
+
+
+def _writable_by_others(path: Path) -> str | None:
+    """Why another user could change `path` (owned by someone else, or group/world-writable),
+    or None. A sticky world-writable folder such as /tmp is fine: others cannot replace what
+    is ours in it. A missing path is None: whether state exists is checked elsewhere."""
+    try:
+        info = path.lstat()
+    except FileNotFoundError:
+        return None
+    if info.st_uid != os.getuid():
+        return f"owned by uid {info.st_uid}, not by you (uid {os.getuid()})"
+    if stat.S_ISLNK(info.st_mode):
+        return "a symbolic link"
+    sticky_dir = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not sticky_dir:
+        who = "others" if info.st_mode & stat.S_IWOTH else "its group"
+        return f"writable by {who} (mode {stat.S_IMODE(info.st_mode):o})"
+    return None
+
+
+def check_storage_trusted(experiment_dir: Path) -> None:
+    """Raise UntrustedStorageError (exit 2) unless the sweep's storage folder, its experiment
+    folder and the pickled state `Tuner.restore` would load are owned by this user and writable
+    by no one else: Ray unpickles that state, and unpickling runs any code the file names."""
+    experiment_dir = Path(experiment_dir).absolute()
+    pickled = [path for pattern in PICKLED_STATE for path in sorted(experiment_dir.glob(pattern))]
+    for path in (experiment_dir.parent, experiment_dir, *pickled):
+        if (problem := _writable_by_others(path)) is not None:
+            raise UntrustedStorageError(
+                f"refusing to resume from {path}: it is {problem}. Resuming unpickles the sweep's saved "
+                "state, which runs any code written into it; resume only from storage only you can "
+                f"write (e.g. chmod go-w {path}) — see docs/security.md")
 
 
 def snapshot_checkpoints(experiment_dir: Path) -> dict[str, str] | None:

@@ -10,6 +10,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
 import ray
@@ -22,7 +23,8 @@ from sweeps import tags
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.finish import SweepOutcome, finish_sweep, study_storage
 from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption
-from sweeps.pipeline import SweepContext
+from sweeps.pipeline import SweepContext, trial_resources
+from sweeps.preflight import check_before_start, check_cluster_resources, check_experiment
 from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, StudySearch, prune_checkpoints
 from sweeps.results import METRIC, SweepFailedError, TrialSummary, summarize
 from sweeps.search import SweepSearch, check_search_state
@@ -31,8 +33,8 @@ from sweeps.spec import SpecError, SweepSpec, load_spec
 from sweeps.tracking import Tracker
 from sweeps.trainable import train_trial
 
-__all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "check_new_sweep", "default_sweep_name",
-           "resumable", "resume_sweep", "run_sweep"]
+__all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "check_before_start", "check_new_sweep",
+           "default_sweep_name", "resumable", "resume_sweep", "run_sweep"]
 
 SPEC_FILE = "spec.yaml"  # the validated spec, in the sweep's storage directory: what `resume` restarts from
 
@@ -75,7 +77,11 @@ def _scheduler(spec: SweepSpec) -> tune.schedulers.TrialScheduler:
                          reduction_factor=s.reduction_factor)
 
 
-def check_new_sweep(tracker: Tracker, name: str, storage: Path) -> None:
+def check_new_sweep(tracker: Tracker, name: str, storage: Path, spec: SweepSpec | None = None) -> None:
+    """The name is free in the tracking store and the storage, and (given the spec) its MLflow
+    experiment can take runs; SpecError otherwise. Writes nothing."""
+    if spec is not None:
+        check_experiment(tracker, spec.tracking.experiment)
     if any(r.data.tags.get(tags.SWEEP) == name for r in tracker.find_sweeps(name)):
         raise SpecError(f"a sweep named {name!r} already exists in {tracker.uri}; choose another --name")
     if (storage / name).exists():
@@ -87,9 +93,10 @@ def run_sweep(
 ) -> SweepOutcome:
     """Run a new sweep to the end: trials, the CE baseline, the exported best student."""
     _quiet_driver()
+    check_cluster_resources(spec.sweep)  # now that Ray is up, before anything is written
     storage = storage.resolve()
     tracker = Tracker(tracking_uri)
-    check_new_sweep(tracker, name, storage)
+    check_new_sweep(tracker, name, storage, spec)
     experiment_dir = storage / name
     experiment_dir.mkdir(parents=True)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
@@ -111,8 +118,9 @@ def run_sweep(
     return _drive(context, tracker, console or Console(stderr=True), restore=False)
 
 
-def resumable(name: str, tracker: Tracker) -> SweepContext:
-    """The context of an unfinished sweep that can be resumed; SpecError says why not.
+def resumable(name: str, tracker: Tracker, address: str | None = None) -> SweepContext:
+    """The context of an unfinished sweep that can be resumed; SpecError says why not. Its data,
+    models and (for a local sweep, `address` None) resources are checked as a new sweep's are.
 
     A sweep resumes only in the folder it was created in (a copy elsewhere is never written):
     Ray 2.60 pickles that absolute path into its search-generator state, and trials it creates
@@ -132,7 +140,9 @@ def resumable(name: str, tracker: Tracker) -> SweepContext:
     if not (experiment_dir / SPEC_FILE).exists() or not tune.Tuner.can_restore(str(experiment_dir)):
         raise SpecError(f"sweep {name!r} cannot be resumed: no Tune experiment state in {experiment_dir}")
     check_search_state(experiment_dir)  # a damaged snapshot fails here, not minutes later inside Ray
-    return SweepContext(name, load_spec(experiment_dir / SPEC_FILE), str(storage), tracker.uri, parent.info.run_id)
+    spec = load_spec(experiment_dir / SPEC_FILE)
+    check_before_start(spec, address)  # the data may have moved, the machine changed
+    return SweepContext(name, spec, str(storage), tracker.uri, parent.info.run_id)
 
 
 def resume_sweep(context: SweepContext, *, console: Console | None = None) -> SweepOutcome:
@@ -140,18 +150,22 @@ def resume_sweep(context: SweepContext, *, console: Console | None = None) -> Sw
     experiment (errored trials too), the scheduler's rungs and the Optuna study are restored;
     trial runs are reopened by trial id."""
     _quiet_driver()
+    check_cluster_resources(context.spec.sweep)  # now that Ray is up, before anything is written
     tracker = Tracker(context.tracking_uri)
     tracker.reopen(context.parent_run_id)
     clear_interruption(Path(context.storage) / context.name)
     return _drive(context, tracker, console or Console(stderr=True), restore=True)
 
 
+def sweep_trainable(context: SweepContext) -> Any:
+    """`train_trial` as Tune runs it: with the sweep's context and each trial's CPUs and GPUs."""
+    return tune.with_resources(tune.with_parameters(train_trial, context=context), trial_resources(context.spec.sweep))
+
+
 def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: bool) -> tune.Tuner:
     spec, experiment_dir = context.spec, Path(context.storage) / context.name
     epochs = spec.recipe.build().epochs
-    trainable = tune.with_resources(
-        tune.with_parameters(train_trial, context=context), {"cpu": spec.sweep.cpus_per_trial}
-    )
+    trainable = sweep_trainable(context)
     if restore:
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         # Tuner.restore unpickles the searcher, scheduler and callbacks from tuner.pkl as they

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 from ray.air.constants import TRAINING_ITERATION
 from ray.tune.search.optuna import OptunaSearch
 
+from sweeps.restore import check_storage_trusted
 from sweeps.spec import SpecError
 from sweeps.tracking import end_status
 
@@ -111,9 +112,11 @@ def _problem(path: Path, kind: str) -> str | None:
 
 def check_search_state(experiment_dir: Path) -> None:
     """Raise SearchStateError naming the first file of a sweep's search state that `Tuner.restore`
-    could not read (truncated, garbage, an unreadable study); a missing file is not checked here
+    could not read (truncated, garbage, an unreadable study), after `check_storage_trusted`
+    (UntrustedStorageError: storage another user could write); a missing file is not checked here
     (`Tuner.can_restore` says whether there is state at all)."""
     experiment_dir = Path(experiment_dir)
+    check_storage_trusted(experiment_dir)  # before anything of it is read: Tuner.restore unpickles it
     files = [(_newest(experiment_dir, pattern), kind) for pattern, kind in STATE_FILES.items()]
     for path, kind in [*files, (experiment_dir / STUDY_FILE, "sqlite")]:
         if path is None or not path.exists():

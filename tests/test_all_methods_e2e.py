@@ -48,6 +48,17 @@ def test_every_method_ran_and_ended_cleanly(sweep) -> None:
     assert "kdsweep.model_uri" in sweep["parent"].data.tags
 
 
+def test_every_trial_finished_or_was_stopped_by_asha_and_logged_every_term(sweep) -> None:
+    for run in (r for r in sweep["children"] if r.data.tags[tags.ROLE] == "trial"):
+        method = run.data.params["method"]
+        if run.info.status == "KILLED":
+            assert run.data.tags[tags.END_REASON].startswith("stopped early by the scheduler"), method
+        else:
+            assert run.info.status == "FINISHED" and tags.END_REASON not in run.data.tags, method
+        terms = DISTILLERS.get(method).make_params().weights()
+        assert {f"train_loss_{term}" for term in terms} <= set(run.data.metrics), method
+
+
 def test_each_derived_stage_trained_once(sweep) -> None:
     roles = sorted(r.data.tags[tags.ROLE] for r in sweep["children"] if r.data.tags[tags.ROLE] != "trial")
     # teacher; 2 DGKD + 2 TAKD assistants; the SFTN teacher; LW-KD's teacher; the CE baseline

@@ -15,15 +15,17 @@ import time
 import urllib.request
 from pathlib import Path
 
-import mlflow.pytorch
+import mlflow
 import pytest
 import torch
 from mlflow import MlflowClient
 
+from cluster.addresses import LOCAL_RAY_IP
 from kd_core.data import DATASETS
 from kd_core.stages import StageStore
 from kd_core.train import evaluate
 from sweeps import tags
+from sweeps.export import load_registered
 from tests.sweep_cli import EPOCHS, NAME, TRIALS, kdsweep
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -104,7 +106,7 @@ def test_teacher_trained_exactly_once_and_lineage_recorded(sweep) -> None:
     for run in tracker.children(parent.info.run_id, "trial"):
         assert run.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
         assert run.data.tags["kdsweep.teacher_stage_key"] == key
-        assert run.data.tags["kdsweep.node_ip"] == "127.0.0.2"
+        assert run.data.tags["kdsweep.node_ip"] == LOCAL_RAY_IP
     stored = StageStore(sweep["work"] / "kdsweep_storage").get(key)
     assert stored is not None and stored.run_id == teacher.info.run_id
     assert parent.data.tags["kdsweep.teacher_run_id"] == teacher.info.run_id
@@ -190,7 +192,7 @@ def test_registered_champion_loads_and_reproduces_accuracy(sweep) -> None:
     client = MlflowClient(sweep["uri"])
     version = client.get_model_version_by_alias("e2e_student", "champion")
     assert str(version.version) == sweep["parent"].data.tags["kdsweep.model_version"]
-    model = mlflow.pytorch.load_model("models:/e2e_student@champion")
+    model = load_registered("models:/e2e_student@champion")  # TorchScript: nothing in the store is unpickled
     _, accuracy = evaluate(model, DATASETS.get("digits")().test)
     assert accuracy == sweep["parent"].data.metrics["best_test_acc"]
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 
 import mlflow
-import mlflow.pytorch
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -14,7 +13,7 @@ from typer.testing import CliRunner
 from kd_core.models import build_model
 from kd_core.train import evaluate
 from sweeps import tags
-from sweeps.export import ALIAS, champion_decision, data_key, export_student
+from sweeps.export import ALIAS, champion_decision, data_key, export_student, load_registered
 from sweeps.tracking import Tracker
 
 MODEL = "reg_student"
@@ -49,8 +48,7 @@ def test_a_recorded_uri_keeps_meaning_its_student_and_a_worse_one_does_not_take_
     mlflow.set_tracking_uri(tracker.uri)
     mlflow.set_registry_uri(tracker.uri)
     for result in (first, second):  # each sweep's URI loads that sweep's student, whatever registered later
-        _, accuracy = evaluate(mlflow.pytorch.load_model(result.model_uri), digits.test)
-        assert accuracy == result.test_acc
+        assert evaluate(load_registered(result.model_uri), digits.test)[1] == result.test_acc
     assert first.test_acc != second.test_acc
     version = tracker.client.get_model_version(MODEL, "2")
     assert version.tags[tags.SWEEP] == "second" and float(version.tags[tags.VAL_ACC]) == 0.12

@@ -25,7 +25,10 @@ from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.models import MODELS, StagedModel, build_model
 from kd_core.recipes import build_recipe
 from kd_core.stages import SourcePlan, StageSpec
-from kd_core.testing import _stage_of  # builds an internal stage as its parent method does
+from kd_core.testing import (
+    _stage_of,  # builds an internal stage as its parent method does
+    bind_sample_index,
+)
 
 CLASSES, IMAGE, BATCH = 100, 32, 2
 
@@ -141,6 +144,7 @@ def test_method_on_pair(teacher: str, student: str, method: str) -> None:
     torch.manual_seed(0)
     distiller = _distiller(method, teacher, student)
     images, labels = _batch()
+    bind_sample_index(distiller, labels)  # what fit gives a method that reads sample indices (CRD)
     distiller.train()
     with torch.no_grad():  # shapes and values only: tests/test_contract.py checks the gradients
         logits, terms = distiller.forward_train(images, labels)

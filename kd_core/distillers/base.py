@@ -47,15 +47,20 @@ class MethodParams:
 
 @dataclasses.dataclass
 class SoftTargetParams(MethodParams):
-    """Base of the params of methods with a KD_T term: its temperature and KL reduction."""
+    """Base of the params of methods with a KD_T term: its temperature and KL reduction, and
+    whether logits are z-scored before the temperature (`kd_core.losses.standardize`)."""
 
     T: float = 4.0
     kl_reduction: str = "batchmean"
+    # Sun et al., CVPR 2024; their recipe pairs it with T=2 and a KD weight of 9 (docs/methods.md).
+    logit_standardization: bool = False
 
     def validate(self) -> None:
         super().validate()
         if self.T <= 0:
             raise ValueError(f"T must be > 0, got {self.T}")
+        if not isinstance(self.logit_standardization, bool):
+            raise ValueError(f"logit_standardization must be true or false, got {self.logit_standardization!r}")
         if self.kl_reduction not in KL_REDUCTIONS:
             raise ValueError(f"kl_reduction must be one of {', '.join(KL_REDUCTIONS)}, got {self.kl_reduction!r}")
 
@@ -108,6 +113,8 @@ class Distiller(nn.Module):
     - `source_stages` (classmethod): which stages it learns from, as `StageSpec`s;
     - `trainable_modules` / `param_groups`: what the trainer's optimizer updates;
     - `after_step`: an extra update with the method's own optimizer (e.g. a discriminator);
+    - `bind_training_set`: per-sample state over the training set (CRD's memory banks), for a
+      method with `needs_sample_index`;
     - `predict` / `deployable`: the model that is evaluated and exported;
     - `train`: only to change how sources behave in training mode (SOKD's teacher BN).
 
@@ -129,6 +136,11 @@ class Distiller(nn.Module):
     #: `source_stages`, e.g. sftn_teacher inside sftn), never swept on its own. Its
     #: `source_stages` may raise ValueError; `check_distiller` builds it as its parent does.
     internal_stage: ClassVar[bool] = False
+    #: Whether `forward_train` reads `sample_index`, the batch's dataset indices into the
+    #: training split (CRD's memory banks). `fit` then calls `bind_training_set` before training
+    #: and refuses, with a ValueError naming the method, a training split that cannot give the
+    #: indices (one not replayed by `kd_core.cache`: a DataLoader-backed split).
+    needs_sample_index: ClassVar[bool] = False
 
     def __init__(
         self, student: StagedModel, sources: Sequence[StagedModel], params: MethodParams
@@ -139,6 +151,9 @@ class Distiller(nn.Module):
         self.params = params
         #: The current batch's source logits from the teacher-output cache, set by `fit`.
         self.cached_source_logits: list[torch.Tensor] | None = None
+        #: The current batch's dataset indices into the training split, (N,) int64 on the
+        #: training device, set by `fit` on every step (None where the split cannot give them).
+        self.sample_index: torch.Tensor | None = None
         for source in self.sources:
             source.requires_grad_(False)
             source.eval()
@@ -227,6 +242,13 @@ class Distiller(nn.Module):
         recipe lr; no other keys (the recipe sets lr, momentum and weight decay)."""
         return [{"params": [p for m in self.trainable_modules() for p in m.parameters()]}]
 
+    def bind_training_set(self, labels: torch.Tensor) -> None:
+        """Called by `fit`, for a method with `needs_sample_index`, before the optimizer is
+        built and before a checkpoint is restored: `labels` (N_train,) int64 are the training
+        split's labels in dataset-index order (the indices `sample_index` holds), on the
+        training device. A method allocates its per-sample state here as buffers, so that they
+        are in the state dict and a resumed fit restores them. Default: nothing."""
+
     def after_step(
         self, images: torch.Tensor, labels: torch.Tensor, logits: torch.Tensor
     ) -> dict[str, float]:
@@ -270,6 +292,9 @@ class Distiller(nn.Module):
             labels: (N,) int64 class indices on the same device.
             position: where training stands (`fit` passes it on every step); `START` for an
                 ad-hoc call. Methods with a schedule (a warm-up) read it instead of counting.
+
+        A method with `needs_sample_index` reads the batch's dataset indices from
+        `self.sample_index` ((N,) int64, set by `fit` next to `cached_source_logits`).
 
         Returns:
             logits: (N, num_classes), the student's (what train accuracy is measured on).

@@ -92,5 +92,6 @@ class DGKDDistiller(Distiller):
         logits = self.student(images)
         keep = keep_mask(len(self.sources), p)
         kept_logits = self.source_logits(images, only=[i for i, kept in enumerate(keep) if kept])
-        kd = sum(kd_loss(logits, source_logits, p.T, p.kl_reduction) for source_logits in kept_logits)
+        kd = sum(kd_loss(logits, source_logits, p.T, p.kl_reduction, logit_standardization=p.logit_standardization)
+                 for source_logits in kept_logits)
         return logits, {"ce": cross_entropy(logits, labels), "kd": kd}

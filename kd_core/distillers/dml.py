@@ -52,7 +52,7 @@ class DMLDistiller(Distiller):
         logits, peer_logits = self.student(images), self.peer(images)
         return logits, {
             "ce": cross_entropy(logits, labels),
-            "kd": kd_loss(logits, peer_logits, p.T, p.kl_reduction),
+            "kd": kd_loss(logits, peer_logits, p.T, p.kl_reduction, logit_standardization=p.logit_standardization),
             "peer_ce": cross_entropy(peer_logits, labels),
-            "peer_kd": kd_loss(peer_logits, logits, p.T, p.kl_reduction),
+            "peer_kd": kd_loss(peer_logits, logits, p.T, p.kl_reduction, logit_standardization=p.logit_standardization),
         }

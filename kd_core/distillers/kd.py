@@ -41,5 +41,5 @@ class KDDistiller(Distiller):
         p = self.params
         return logits, {
             "ce": cross_entropy(logits, labels),
-            "kd": kd_loss(logits, teacher_logits, p.T, p.kl_reduction),
+            "kd": kd_loss(logits, teacher_logits, p.T, p.kl_reduction, logit_standardization=p.logit_standardization),
         }

@@ -130,7 +130,7 @@ class LWKDDistiller(Distiller):
         d_student = self.discriminator(student_probs, labels)
         return logits, {
             "ce": cross_entropy(logits, labels),
-            "kd": kd_loss(logits, teacher_logits, p.T, p.kl_reduction),
+            "kd": kd_loss(logits, teacher_logits, p.T, p.kl_reduction, logit_standardization=p.logit_standardization),
             # -log D(p_s): the student is rewarded when D takes its outputs for the teacher's.
             "adv": F.binary_cross_entropy_with_logits(d_student, torch.ones_like(d_student)),
         }

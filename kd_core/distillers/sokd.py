@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -112,10 +113,12 @@ class SOKDDistiller(Distiller):
             teacher_logits = teacher.head(teacher.neck(x))
         bridge_logits = self.bridge(trunk)
         logits = self.student(images)
+        kd = functools.partial(kd_loss, temperature=p.T, reduction=p.kl_reduction,
+                               logit_standardization=p.logit_standardization)
         return logits, {
             "ce": cross_entropy(logits, labels),
-            "kd": kd_loss(logits, bridge_logits, p.T, p.kl_reduction),  # bridge side detached
+            "kd": kd(logits, bridge_logits),  # bridge side detached
             "bridge_ce": cross_entropy(bridge_logits, labels),
-            "bridge_t": kd_loss(bridge_logits, teacher_logits, p.T, p.kl_reduction),
-            "bridge_s": kd_loss(bridge_logits, logits, p.T, p.kl_reduction),  # student side detached
+            "bridge_t": kd(bridge_logits, teacher_logits),
+            "bridge_s": kd(bridge_logits, logits),  # student side detached
         }

@@ -59,5 +59,6 @@ class TFKDDistiller(Distiller):
         p = self.params
         return logits, {
             "ce": cross_entropy(logits, labels),
-            "kd": kd_loss(logits, self.teacher_logits[labels], p.T, p.kl_reduction),
+            "kd": kd_loss(logits, self.teacher_logits[labels], p.T, p.kl_reduction,
+                          logit_standardization=p.logit_standardization),
         }

@@ -14,6 +14,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from kd_core.checkpoints import CheckpointError, read_state_dict
 from kd_core.models.base import Head, StagedModel
 from kd_core.models.registry import MODELS
 
@@ -54,8 +55,10 @@ def _replace_first_conv(model: nn.Module, name: str, in_channels: int) -> None:
 
 
 def _load_weights(model: nn.Module, path: str, first_conv: str, classifier: str) -> None:
-    """Load a state dict; the first conv and classifier are skipped where their shapes differ."""
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """Load a state dict; the first conv and classifier are skipped where their shapes differ.
+    Raises CheckpointError (a ValueError) naming the file when it is missing, damaged, holds
+    pickled objects (read with `weights_only=True`: nothing runs) or does not fit."""
+    state = read_state_dict(path)
     own = model.state_dict()
     skipped = [
         prefix
@@ -66,10 +69,12 @@ def _load_weights(model: nn.Module, path: str, first_conv: str, classifier: str)
     try:
         missing, unexpected = model.load_state_dict(state, strict=False)
     except RuntimeError as error:  # a shape mismatch
-        raise ValueError(f"weights file {path!r} does not fit: {error}") from None
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"weights file {path}: does not fit the architecture: {first}") from None
     missing = [k for k in missing if not any(k.startswith(prefix + ".") for prefix in skipped)]
     if missing or unexpected:
-        raise ValueError(f"weights file {path!r} does not fit: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"weights file {path}: does not fit the architecture: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
 
 
 def _prepare(model: nn.Module, in_channels: int, weights_path: str | None, first_conv: str, classifier: str) -> None:

@@ -11,11 +11,14 @@ import typer
 
 from cluster import local
 from cluster.addresses import LOOPBACK_IP, MLFLOW_HOST, node_ip
-from sweeps.cli.app import DEFAULT_CLUSTER_DIR, app, out, user_errors
+from sweeps.cli.app import DEFAULT_CLUSTER_DIR, app, check_writable, out, user_errors
 from sweeps.cli.render import print_cluster_status, print_cluster_urls
+from sweeps.cli.stores import check_store
+from sweeps.spec import SpecError
+from sweeps.tracking import resolve_tracking_uri
 
 cluster_app = typer.Typer(
-    name="cluster", no_args_is_help=True,
+    name="cluster", no_args_is_help=True, rich_markup_mode=None,
     help=f"A loopback multi-node Ray cluster (head on {LOOPBACK_IP}, workers on {node_ip(1)}, ...) with "
          f"token auth and an MLflow tracking server on {MLFLOW_HOST}.",
 )
@@ -33,12 +36,22 @@ def cluster_up(
     backend_store_uri: Annotated[str | None, typer.Option(
         help="MLflow backend store, e.g. postgresql://... [default: sqlite in --dir].")] = None,
     timeout: Annotated[float, typer.Option(min=10, help="Seconds to wait for every node.")] = 180,
+    mlflow_auth: Annotated[bool, typer.Option(
+        help="MLflow basic auth: user and password from MLFLOW_TRACKING_USERNAME/PASSWORD, else admin "
+             "and a random password, in --dir/mlflow_auth.ini (see docs/security.md).")] = False,
     directory: StateDir = DEFAULT_CLUSTER_DIR,
 ) -> None:
     """Start the head, the worker nodes and the MLflow server; print the URLs."""
+    check_writable(directory, "--dir")
+    if backend_store_uri is not None:
+        uri = resolve_tracking_uri(backend_store_uri)
+        if uri.startswith(("http://", "https://")):
+            raise SpecError(f"--backend-store-uri {uri}: a database URI (sqlite:///PATH, postgresql://...), "
+                            "not a tracking server")
+        check_store(uri, create=True)
     started = time.monotonic()
     cluster = local.up(directory, workers, num_cpus=num_cpus, dashboard_port=dashboard_port,
-                       backend_store_uri=backend_store_uri, timeout=timeout)
+                       backend_store_uri=backend_store_uri, mlflow_auth=mlflow_auth, timeout=timeout)
     out.print(f"cluster up in {time.monotonic() - started:.0f}s: head {cluster.nodes[0].ip}, workers "
               f"{', '.join(n.ip for n in cluster.nodes[1:]) or 'none'}", highlight=False)
     print_cluster_urls(cluster)

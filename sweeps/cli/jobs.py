@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from cluster import jobs, state
 from sweeps import tags
@@ -104,19 +105,21 @@ def submit(
                          metadata={tags.SWEEP: name, tags.SPEC: spec.name},
                          num_trials=num_trials, max_concurrent=max_concurrent)
     where = client.get_address()
-    err.print(f"[bold]kdsweep[/] job [cyan]{job_id}[/] submitted to {where}; tracking {uri}; storage {root}",
+    err.print(f"[bold]kdsweep[/] job [cyan]{escape(job_id)}[/] submitted to "
+              + escape(f"{where}; tracking {uri}; storage {root}"),
               highlight=False, soft_wrap=True)
     follow_hint = f"kdsweep status --job {job_id} --address {where} --follow"
     if not wait:
         out.print(job_id)
-        err.print(f"follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        err.print(f"follow it: {follow_hint}", highlight=False, soft_wrap=True, markup=False)
         return
     try:
         final = jobs.follow(client, job_id, print_log_chunk)
     except KeyboardInterrupt:
-        err.print(f"detached; the job goes on. Follow it: {follow_hint}", highlight=False, soft_wrap=True)
+        err.print(f"detached; the job goes on. Follow it: {follow_hint}", highlight=False, soft_wrap=True,
+                  markup=False)
         raise typer.Exit(130) from None
-    err.print(f"job {job_id}: {final.status}", highlight=False)
+    err.print(f"job {job_id}: {final.status}", highlight=False, markup=False)
     if final.status != "SUCCEEDED":
         if final.message:
             err.print(final.message.strip().splitlines()[0], highlight=False, soft_wrap=True, markup=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ from sweeps.cli.app import (
     SweepName,
     TrackingUri,
     app,
+    check_writable,
     find_sweep,
     open_tracker,
     out,
@@ -66,7 +68,8 @@ def best(
     name: SweepName,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
     pareto: Annotated[bool, typer.Option(
-        "--pareto", help="The Pareto front of a multi-objective sweep (accuracy vs cost).")] = False,
+        "--pareto", help="The Pareto front of a multi-objective sweep (accuracy vs cost, "
+                         "e.g. sweep.objectives: [accuracy, params]).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """The best trial of a sweep: config, metrics, model URI (or its Pareto front)."""
@@ -116,18 +119,52 @@ def _load_json(tracker: Tracker, run_id: str, path: str) -> Any:
         return json.loads(Path(local).read_text())
 
 
+PULL_RECORD = ".kdsweep-pull.json"  # in --to: the files a pull wrote and their sha256, so a later pull may replace them
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _pulled_files(directory: Path) -> dict[str, str]:
+    """The files an earlier pull wrote into `directory` that are still as it wrote them: {name: sha256}."""
+    try:
+        recorded = json.loads((directory / PULL_RECORD).read_text())["files"]
+        return {name: digest for name, digest in recorded.items()
+                if (directory / name).is_file() and _sha256(directory / name) == digest}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return {}  # no record, or a damaged one: nothing is known to be ours
+
+
+def _foreign_files(directory: Path) -> list[str]:
+    """Entries of `directory` that no earlier `kdsweep pull` wrote, or that were changed since."""
+    if not directory.is_dir():
+        return []
+    ours = _pulled_files(directory)
+    return sorted(e.name for e in directory.iterdir() if e.name != PULL_RECORD and e.name not in ours)
+
+
 @app.command()
 @user_errors
 def pull(
     name: SweepName,
-    to: Annotated[Path, typer.Option("--to", help="Directory for the student files.")],
+    to: Annotated[Path, typer.Option("--to", help="Directory for the student files: new, empty, or "
+                                                  "holding only an earlier pull's files.")],
     trial: Annotated[str | None, typer.Option(
         help="A Pareto-optimal trial of a multi-objective sweep instead of the best one.")] = None,
+    force: Annotated[bool, typer.Option(
+        "--force", help="Pull even into a directory holding other files (same names are replaced).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Copy the best student's files (state dict, TorchScript, metadata) into a directory."""
     import mlflow.artifacts
 
+    check_writable(to, "--to")
+    foreign = _foreign_files(to)
+    if foreign and not force:
+        raise SpecError(f"--to {to}: holds files that no kdsweep pull wrote ({', '.join(foreign[:5])}"
+                        f"{', ...' if len(foreign) > 5 else ''}); pull into a new or empty directory, or pass "
+                        "--force to write there anyway (files of the same name are replaced)")
     tracker = open_tracker(tracking_uri, reading=True)
     sweep = find_sweep(tracker, name)
     if tags.MODEL_URI not in sweep.data.tags:
@@ -139,16 +176,21 @@ def pull(
             raise NotFoundError(f"trial {trial!r} is not on the Pareto front of {name!r} "
                                 f"(Pareto trials: {', '.join(front) or 'none'})")
         artifact_path = f"pareto/{trial}"
-    if to.exists() and not to.is_dir():
-        raise SpecError(f"--to {to}: not a directory")
-    to.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(
             run_id=sweep.info.run_id, artifact_path=artifact_path, dst_path=tmp, tracking_uri=tracker.uri,
         )
-        for path in sorted(Path(local).iterdir()):
-            shutil.copy2(path, to / path.name)
-            out.print(f"{to / path.name}")
+        ours = _pulled_files(to)
+        try:
+            to.mkdir(parents=True, exist_ok=True)  # only now: a failed pull leaves no empty folder
+            for path in sorted(Path(local).iterdir()):
+                shutil.copy2(path, to / path.name)
+                ours[path.name] = _sha256(to / path.name)
+                out.print(f"{to / path.name}")
+            (to / PULL_RECORD).write_text(json.dumps({"sweep": sweep.data.tags.get(tags.SWEEP),
+                                                      "files": ours}, indent=1))
+        except OSError as error:
+            raise SpecError(f"--to {to}: {error.strerror or error}: {error.filename or to}") from None
     if trial is None:
         out.print(f"model: {sweep.data.tags[tags.MODEL_URI]}", soft_wrap=True)  # the same student, in MLflow
 

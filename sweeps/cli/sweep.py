@@ -8,6 +8,7 @@ from types import ModuleType
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 
 from cluster.session import ray_session, use_local_cluster_token
 from sweeps.cli.app import (
@@ -16,6 +17,7 @@ from sweeps.cli.app import (
     RayAddress,
     TrackingUri,
     app,
+    check_writable,
     err,
     open_tracker,
     user_errors,
@@ -23,7 +25,7 @@ from sweeps.cli.app import (
 )
 from sweeps.cli.render import print_outcome
 from sweeps.pretrained import pin_teacher
-from sweeps.spec import SpecError, SweepSpec, load_spec
+from sweeps.spec import SweepSpec, load_spec
 
 
 @app.command()
@@ -40,12 +42,12 @@ def run(
 ) -> None:
     """Run a sweep and print the best trial beside the CE-only student."""
     spec = with_overrides(load_spec(spec_path, lambda s: _pin(s, tracking_uri)), name, num_trials, max_concurrent)
-    if storage.exists() and not storage.is_dir():
-        raise SpecError(f"--storage {storage}: not a directory")
-    tracker = open_tracker(tracking_uri)
+    check_writable(storage, "--storage")
     runner = _runner(address)
+    runner.check_before_start(spec, address)  # data, models, resources: before Ray starts, before any write
+    tracker = open_tracker(tracking_uri)
     name = name or runner.default_sweep_name(spec)
-    runner.check_new_sweep(tracker, name, storage.resolve())  # before Ray starts
+    runner.check_new_sweep(tracker, name, storage.resolve(), spec)  # before Ray starts
     _in_ray_session(address, name, lambda: runner.run_sweep(
         spec, name=name, storage=storage, tracking_uri=tracker.uri, console=err))
 
@@ -58,9 +60,10 @@ def resume(
     tracking_uri: TrackingUri = None,
 ) -> None:
     """Continue a sweep whose driver was interrupted or killed, then print its result."""
-    tracker = open_tracker(tracking_uri, reading=True)
+    tracker = open_tracker(tracking_uri, reading=True, writes=True)
     runner = _runner(address)
-    context = runner.resumable(name, tracker)  # before Ray starts
+    context = runner.resumable(name, tracker, address)  # before Ray starts
+    check_writable(Path(context.storage) / name, "storage")
     _in_ray_session(address, name, lambda: runner.resume_sweep(context, console=err))
 
 
@@ -90,10 +93,10 @@ def _in_ray_session(address: str | None, name: str, drive: Callable[[], Any]) ->
         try:
             outcome = drive()
         except runner.SweepFailedError as error:
-            err.print(f"[bold red]sweep failed:[/] {error}", highlight=False, soft_wrap=True)
+            err.print(f"[bold red]sweep failed:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except runner.Interrupted as error:
-            err.print(f"[bold yellow]sweep {error}:[/] continue it with `kdsweep resume {name}`",
+            err.print(f"[bold yellow]sweep {escape(str(error))}:[/] continue it with `kdsweep resume {name}`",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
     print_outcome(outcome)

@@ -12,11 +12,11 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
 from sweeps.spec.checks import check_spec
-from sweeps.spec.coerce import SpecError, dataclass_from_dict, factory_args, format_errors
+from sweeps.spec.coerce import SpecError, clip, dataclass_from_dict, factory_args, format_errors
+from sweeps.spec.reader import read_yaml
 from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSpec
 from sweeps.spec.settings import SweepSettings
 
@@ -56,19 +56,23 @@ def parse_spec(data: Any, source: str = "spec", resolve: Resolver | None = None)
             spec = resolve(spec)
         check_spec(spec)
     except ValidationError as error:
-        raise SpecError(f"invalid sweep spec {source}:\n  " + format_errors(error).replace("\n", "\n  ")) from None
+        raise SpecError(f"invalid sweep spec {source}:\n  " + _bounded(format_errors(error))) from None
     except ValueError as error:
-        raise SpecError(f"invalid sweep spec {source}:\n  {error}") from None
+        raise SpecError(f"invalid sweep spec {source}:\n  {_bounded(str(error))}") from None
     return spec
 
 
+def _bounded(problems: str, lines: int = 10) -> str:
+    """At most `lines` problems, each clipped: messages quote the spec's values, which may be huge."""
+    found = problems.splitlines()
+    more = [f"... and {len(found) - lines} more"] if len(found) > lines else []
+    return "\n  ".join([clip(line, 500) for line in found[:lines]] + more)
+
+
 def load_spec(path: str | Path, resolve: Resolver | None = None) -> SweepSpec:
-    """`parse_spec` of a YAML file; raises SpecError for a missing file or invalid YAML."""
+    """`parse_spec` of a YAML file; raises SpecError for a missing, unreadable or non-UTF-8 file,
+    invalid YAML, a duplicate key or an alias bomb (`reader.read_yaml`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {error}") from None
-    return parse_spec(data, str(path), resolve)
+    return parse_spec(read_yaml(path), str(path), resolve)

@@ -23,9 +23,67 @@ def check_spec(spec: SweepSpec) -> None:
     check_method_choices(spec)
     spec.method.params = check_method_params(spec)
     check_search_space(spec)
+    check_weights(spec)
+    check_recipes(spec)
+    check_scheduler(spec)
     check_sources(spec)
     check_initial_points(spec)
     check_pretrained(spec)
+
+
+MAX_RECIPE_PROBES = 256  # combinations of searched recipe extremes built; beyond, each extreme alone
+
+
+def check_scheduler(spec: SweepSpec) -> None:
+    """ASHA compares trials first after `grace_period` epochs, so that must fit in the epochs; the
+    default grace period is cut to the epochs (a given one is refused)."""
+    scheduler, epochs = spec.sweep.scheduler, spec.recipe.build().epochs
+    if "grace_period" not in scheduler.model_fields_set:
+        scheduler.grace_period = min(scheduler.grace_period, epochs)
+    if scheduler.type == "asha" and scheduler.grace_period > epochs:
+        raise ValueError(
+            f"sweep.scheduler.grace_period ({scheduler.grace_period}) is more than recipe.epochs ({epochs}): "
+            f"ASHA first compares trials after grace_period epochs; set sweep.scheduler.grace_period to at most "
+            f"{epochs}, raise recipe.epochs, or use sweep.scheduler: {{type: none}}")
+
+
+def check_weights(spec: SweepSpec) -> None:
+    """Each candidate method can weigh some loss term above 0: with every `w_*` at 0 (fixed, or
+    searched over ranges that allow only 0) the student would learn nothing."""
+    for method in spec.candidate_methods():
+        params = dataclass_from_dict(DISTILLERS.get(method).Params, spec.fixed_params(method))
+        highest, searched = params.weights(), []
+        for term in highest:
+            param = spec.search.get(f"method.w_{term}")
+            if param is not None and method in _method_classes(spec, param):
+                highest[term] = max(float(v) for v in _probe_values(param))
+                searched.append(f"search.method.w_{term}")
+        if highest and not any(highest.values()):
+            names = ", ".join(f"w_{t}" for t in highest)
+            where = f"method {method}: {', '.join(searched)} and method.params" if searched else \
+                f"method {method}: method.params"
+            raise ValueError(f"{where}: every loss weight ({names}) is 0, so the student would learn nothing; "
+                             "give at least one a value above 0")
+
+
+def check_recipes(spec: SweepSpec) -> None:
+    """Every combination of the searched recipe fields' extremes builds (its optimizer and schedule
+    too: `Recipe` builds them), not only each extreme alone (`recipe.momentum` 0 with a searched
+    `recipe.nesterov`)."""
+    paths = [p for p in spec.search if p.startswith("recipe.")]
+    points: list[dict[str, Any]] = [{}]
+    for path in paths:
+        points = [{**point, path: value} for point in points for value in _probe_values(spec.search[path])]
+        if len(points) > MAX_RECIPE_PROBES:
+            return  # each extreme alone was built by check_search_space
+    if len(paths) < 2:
+        return  # nothing beyond check_search_space
+    for point in points:
+        try:
+            spec.recipe.build({path.split(".", 1)[1]: value for path, value in point.items()})
+        except ValueError as error:
+            at = ", ".join(f"{path}={value!r}" for path, value in point.items())
+            raise ValueError(f"search: the recipe with {at} is invalid: {error}") from None
 
 
 def check_method_choices(spec: SweepSpec) -> None:

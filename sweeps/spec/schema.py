@@ -6,6 +6,7 @@ Checks that span blocks (methods vs search space vs sources) are in `checks.py`.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -195,6 +196,8 @@ class ParamSpec(Strict):
             raise ValueError(f"a {self.type} parameter takes 'low'/'high', not 'choices'")
         if self.low is None or self.high is None:
             raise ValueError("a numeric parameter needs both 'low' and 'high'")
+        if not (math.isfinite(self.low) and math.isfinite(self.high)):
+            raise ValueError(f"low and high must be finite numbers, got {self.low} and {self.high}")
         if self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
         if self.log and self.low <= 0:
@@ -203,6 +206,13 @@ class ParamSpec(Strict):
             raise ValueError("'log' and 'step' cannot be combined")
         if self.type == "int" and not (self.low.is_integer() and self.high.is_integer()):
             raise ValueError("an int parameter needs whole-number 'low' and 'high'")
+        if self.step is not None:
+            if not (math.isfinite(self.step) and self.step > 0):
+                raise ValueError(f"step must be > 0, got {self.step}")
+            if self.type == "int" and not self.step.is_integer():
+                raise ValueError(f"an int parameter needs a whole-number 'step', got {self.step}")
+            if self.step > self.high - self.low:
+                raise ValueError(f"step ({self.step}) is larger than the range high - low ({self.high - self.low})")
         return self
 
     def condition_holds(self, values: dict[str, Any]) -> bool:

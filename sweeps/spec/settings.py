@@ -3,23 +3,42 @@ the sampler, the scheduler, confirmation, objectives and initial points."""
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BeforeValidator, Field, field_validator, model_validator
 
 from sweeps.spec.coerce import Strict
+
+# Sane upper bounds: a larger value is a typo (`num_trials: 1e20`), never a plan.
+MAX_TRIALS = 100_000
+MAX_CONCURRENT = 1_024
+MAX_CPUS_PER_TRIAL = 1_024
+MAX_GPUS_PER_TRIAL = 64
+MAX_EPOCH_COUNT = 100_000  # grace_period (epochs)
+MAX_RETRIES = 1_000  # max_failures, confirmation top_k and seeds, startup trials, bank views
+
+
+def count(low: int, high: int) -> Any:
+    """An int field between `low` and `high`; a float (1e20, 2.5, even 2.0) is refused, not truncated."""
+
+    def whole(value: Any) -> Any:
+        if isinstance(value, bool | float):
+            raise ValueError(f"{value!r} is not a whole number (a count from {low} to {high})")
+        return value
+
+    return Annotated[int, BeforeValidator(whole), Field(ge=low, le=high)]
 
 
 class SchedulerSpec(Strict):
     type: Literal["asha", "none"] = "asha"
-    grace_period: int = Field(3, ge=1)
-    reduction_factor: float = Field(2.0, gt=1)
+    grace_period: count(1, MAX_EPOCH_COUNT) = 3
+    reduction_factor: float = Field(2.0, gt=1, le=1_000)
 
 
 class SamplerSpec(Strict):
     type: Literal["tpe", "random"] = "tpe"
     seed: int = 0
-    n_startup_trials: int = Field(6, ge=0)
+    n_startup_trials: count(0, MAX_TRIALS) = 6
     multivariate: bool = True
     constant_liar: bool = True
 
@@ -27,8 +46,8 @@ class SamplerSpec(Strict):
 class ConfirmSpec(Strict):
     """Re-train the top-k configurations (ranked on val) with `seeds` new seeds each."""
 
-    top_k: int = Field(0, ge=0)  # 0: no confirmation
-    seeds: int = Field(3, ge=1)
+    top_k: count(0, MAX_RETRIES) = 0  # 0: no confirmation
+    seeds: count(1, MAX_RETRIES) = 3
 
 
 class TeacherCacheSpec(Strict):
@@ -38,22 +57,22 @@ class TeacherCacheSpec(Strict):
     enabled: bool = True
     #: None: one view per image per epoch, the views live training draws (exact); K: a fixed bank of
     #: K views per image (an approximation: the student sees only K augmentations of each image).
-    views: int | None = Field(None, ge=1)
+    views: count(1, MAX_RETRIES) | None = None
     dtype: Literal["float16", "float32"] = "float16"
     seed: int = 0  # draws the bank's views (views: K only)
 
 
 class SweepSettings(Strict):
-    num_trials: int = Field(16, ge=1)
-    max_concurrent: int = Field(2, ge=1)
-    cpus_per_trial: float = Field(1.0, gt=0)
-    gpus_per_trial: float = Field(0.0, ge=0)  # > 0 trains on CUDA; fractions share a GPU
+    num_trials: count(1, MAX_TRIALS) = 16
+    max_concurrent: count(1, MAX_CONCURRENT) = 2
+    cpus_per_trial: float = Field(1.0, gt=0, le=MAX_CPUS_PER_TRIAL)
+    gpus_per_trial: float = Field(0.0, ge=0, le=MAX_GPUS_PER_TRIAL)  # > 0 trains on CUDA; fractions share a GPU
     #: CUDA only (CPU trials train in float32 whatever is set here).
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     channels_last: bool = False
     teacher_cache: TeacherCacheSpec = Field(default_factory=TeacherCacheSpec)
     seed: int = 0  # student initialisation and shuffling
-    max_failures: int = Field(0, ge=0)
+    max_failures: count(0, MAX_RETRIES) = 0
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
@@ -63,7 +82,6 @@ class SweepSettings(Strict):
     #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
 
-
     @property
     def device(self) -> str:
         return "cuda" if self.gpus_per_trial > 0 else "cpu"
@@ -72,6 +90,14 @@ class SweepSettings(Strict):
     def cost(self) -> str | None:
         """The cost objective of a multi-objective sweep, else None."""
         return self.objectives[1] if len(self.objectives) > 1 else None
+
+    @field_validator("cpus_per_trial", "gpus_per_trial")
+    @classmethod
+    def _whole_above_one(cls, value: float) -> float:
+        # Ray's rule: a fraction shares one CPU or GPU; more than one must be whole ones.
+        if value > 1 and not float(value).is_integer():
+            raise ValueError(f"more than 1 must be a whole number (Ray shares only single units), got {value}")
+        return value
 
     @model_validator(mode="after")
     def _objectives(self) -> SweepSettings:
