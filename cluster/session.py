@@ -11,10 +11,13 @@ alone), so Ray writes no world-readable token file. docs/security.md lists every
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from logging.handlers import MemoryHandler
 from pathlib import Path
 
 from cluster.addresses import LOCAL_RAY_IP
@@ -23,6 +26,50 @@ from cluster.state import DEFAULT_DIR, find_local
 
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read by Ray at import; "0": single-node only
+DRIVER_LOG = "kdsweep_driver.log"  # Ray's and Tune's messages to this process, in the Ray session's logs folder
+
+
+class DriverLog(logging.FileHandler):
+    """Where the `ray` logger (Ray, Tune) of this process writes instead of the console."""
+
+
+def ray_log_path() -> Path | None:
+    """The file Ray's and Tune's log messages of this process go to, once `init_ray` has run."""
+    found = [h for h in logging.getLogger("ray").handlers if isinstance(h, DriverLog)]
+    return Path(found[0].baseFilename) if found else None
+
+
+@contextmanager
+def _ray_logs_to_file() -> Iterator[None]:
+    """Around `ray.init`: the `ray` logger's messages (Ray's, Tune's) go to DRIVER_LOG, not the
+    console. Held in memory until Ray has started (its session folder is not known before); if it
+    does not start, they go to the console after all (they may say why)."""
+    import ray
+
+    logger = logging.getLogger("ray")
+    console = [h for h in logger.handlers if not isinstance(h, DriverLog)]
+    earlier = [h for h in logger.handlers if isinstance(h, DriverLog)]
+    held = MemoryHandler(capacity=100_000, flushLevel=logging.CRITICAL + 1)
+    logger.handlers = [held]
+    try:
+        yield
+    except BaseException:
+        logger.handlers = console + earlier
+        for record in held.buffer:
+            logger.handle(record)
+        raise
+    node = ray._private.worker._global_node  # None for a Ray Client connection
+    folder = Path(node.get_logs_dir_path()) if node is not None else Path(tempfile.gettempdir())
+    try:
+        log = DriverLog(folder / DRIVER_LOG, encoding="utf-8")
+    except OSError:  # a session folder this user cannot write (another user's cluster)
+        log = DriverLog(Path(tempfile.gettempdir()) / f"kdsweep_driver_{os.getpid()}.log", encoding="utf-8")
+    log.setFormatter(logging.Formatter("%(asctime)s\t%(levelname)s %(name)s:%(lineno)s -- %(message)s"))
+    for record in held.buffer:
+        log.handle(record)
+    for handler in earlier:  # an earlier session's file
+        handler.close()
+    logger.handlers = [log]
 
 
 def use_local_cluster_token(address: str | None, directory: Path = DEFAULT_DIR) -> None:
@@ -52,10 +99,13 @@ def _start_local(num_cpus: int | None, runtime_env: dict) -> None:
     """`ray.init` of a single node on LOCAL_RAY_IP, every server on loopback, with a private token."""
     import ray
     from ray._private import ray_constants
+    from ray._private.authentication.authentication_token_setup import _enable_token_auth
 
     if not set(TOKEN_VARIABLES) & os.environ.keys():
         # In the environment only: Ray would otherwise write ~/.ray/auth_token readable by all.
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    if "RAY_AUTH_MODE" not in os.environ:
+        _enable_token_auth()  # what Ray does by default, but on purpose: without its console warning
     # Ray's processes read the switch from their environment; this process read it at import.
     saved = os.environ.get(CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[CLUSTER_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False
@@ -82,16 +132,21 @@ def init_ray(address: str | None, *, num_cpus: int | None = None, env_vars: dict
     """
     use_local_cluster_token(address)
     import ray  # after the token variables are set
+    from ray._private import ray_constants
 
     if ray.is_initialized():
         return False
     runtime_env = {"env_vars": dict(env_vars or {})}
+    # Not in this process: its C++ stack dump on SIGTERM would reach the console (the driver stops
+    # on signals in Python: sweeps.interrupts). Ray's own processes, which read their environment, keep it.
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
     try:
-        if address:
-            _token_auth_if_given(address)
-            ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
-        else:
-            _start_local(num_cpus, runtime_env)
+        with _ray_logs_to_file():
+            if address:
+                _token_auth_if_given(address)
+                ray.init(address=address, runtime_env=runtime_env, log_to_driver=False)
+            else:
+                _start_local(num_cpus, runtime_env)
     except (ConnectionError, ValueError) as error:
         raise ClusterError(f"cannot start or reach Ray at {address or LOCAL_DESCRIPTION}: {error}") from None
     return True

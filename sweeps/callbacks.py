@@ -55,7 +55,8 @@ class CloseTrialRuns(Callback):
 
 
 class LiveProgress(Callback):
-    """One live status line: trials done / running / stopped early / failed, best, elapsed."""
+    """On a terminal, one live status line: trials done / running / stopped early / failed, best,
+    elapsed. Elsewhere (a pipe, a log file, a Ray job) one plain line per trial as it ends."""
 
     def __init__(self, total: int, epochs: int, metric: str, console: Console) -> None:
         self.total, self.epochs, self.metric = total, epochs, metric
@@ -94,8 +95,23 @@ class LiveProgress(Callback):
 
     def setup(self, **info: Any) -> None:
         self.started = time.monotonic()
-        self.live = Live(self._render(), console=self.console, refresh_per_second=2)
-        self.live.start()
+        if self.console.is_terminal:  # a redrawn line in a file would be its every frame
+            self.live = Live(self._render(), console=self.console, refresh_per_second=2)
+            self.live.start()
+
+    def _ended(self, trials: list[Trial], trial: Trial, status: str) -> None:
+        """Off a terminal: `trial 3/10 finished: 8/8 epochs, val_acc_best 0.9123, 42s`."""
+        if self.console.is_terminal:
+            self._refresh()
+            return
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{value:.4f}" if isinstance(value, float | int) else "-"
+        number = trials.index(trial) + 1 if trial in trials else sum(self.counts.values())
+        self.console.print(
+            f"trial {number}/{self.total} {status}: {int(result.get('training_iteration', 0))}/{self.epochs} epochs, "
+            f"{self.metric} {shown}, {time.monotonic() - self.started:.0f}s", markup=False, highlight=False,
+            soft_wrap=True)
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.add(trial.trial_id)
@@ -112,17 +128,16 @@ class LiveProgress(Callback):
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.discard(trial.trial_id)
         status, _ = trial_outcome(trial, self.epochs, errored=False)
-        self.counts["done" if status == "FINISHED" else "stopped"] += 1
-        self._refresh()
+        finished = status == "FINISHED"
+        self.counts["done" if finished else "stopped"] += 1
+        self._ended(trials, trial, "finished" if finished else "stopped early")
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.discard(trial.trial_id)
         self.counts["failed"] += 1
-        self._refresh()
+        self._ended(trials, trial, "failed")
 
     def on_experiment_end(self, trials: list[Trial], **info: Any) -> None:
         self._refresh()
         if self.live is not None:
             self.live.stop()
-            if not self.console.is_terminal:
-                self.console.print()  # a static render ends without a newline

@@ -14,6 +14,7 @@ import ray
 from ray import tune
 from torch import nn
 
+from kd_core.cost import COST_UNITS, COSTS
 from kd_core.data import Dataset
 from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
@@ -89,8 +90,13 @@ def finish_sweep(
                             spec.registered_model, meta, spec.tracking.champion)
     pareto = _export_pareto(context, trials, deployable_of, data, tracker)
     counts = status_counts(t.status for t in trials)
+    # The best trial's settings and figures on the parent too, so the sweep's row shows them.
+    best_run = trial_runs[best.trial_id]
+    tracker.log_params(parent_run_id, {f"best.{key}": value for key, value in best_run.data.params.items()})
     tracker.log_metrics(parent_run_id, {
         "best_val_acc": best.metrics[METRIC], "best_test_acc": export.test_acc,
+        **{f"best_{key}": float(best.metrics[key]) for key in ("val_loss_best", "best_epoch", *_cost_metrics())
+           if key in best.metrics},
         "baseline_test_acc": baseline.meta["metrics"]["test_acc"],
         "baseline_val_acc": baseline.meta["metrics"][METRIC],
         **({"teacher_test_acc": teacher.meta["metrics"]["test_acc"]} if teacher else {}),
@@ -98,21 +104,28 @@ def finish_sweep(
         "trials_failed": counts["FAILED"], "student_params": export.num_params,
     }, step=0)
     tracker.set_tags(parent_run_id, {
-        tags.BEST_TRIAL_ID: best.trial_id, tags.BEST_RUN_ID: trial_runs[best.trial_id].info.run_id,
+        tags.BEST_TRIAL_ID: best.trial_id, tags.BEST_RUN_ID: best_run.info.run_id,
         tags.MODEL_URI: export.model_uri, tags.MODEL_VERSION: export.model_version, tags.CHAMPION: export.champion,
         tags.BASELINE_RUN_ID: baseline.run_id or "",
         tags.TEACHER_RUN_ID: (teacher.run_id or "") if teacher else "",
     })
-    log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)))
+    log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)),
+                    target_names=[METRIC, f"cost_{context.spec.sweep.cost}"] if context.spec.sweep.cost else None)
     return SweepOutcome(
         context.name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
         teacher.meta["metrics"] if teacher else None, export, confirmations, pareto, seconds=0.0,
     )
 
 
+def _cost_metrics() -> list[str]:
+    return [f"cost_{name}" for name in COSTS]
+
+
 def _export_pareto(context: SweepContext, trials: list[TrialSummary], deployable_of: Any, data: Dataset,
                    tracker: Tracker) -> list[dict[str, Any]]:
-    """Every Pareto-optimal student as files (pullable with --trial), and the front as a table."""
+    """Every Pareto-optimal student as files (pullable with --trial), and the front as a table: per
+    student its val and test accuracy, the cost objective (`cost`, in `cost_unit`) and every cost
+    the trial measured (`costs`: params, flops, latency_ms)."""
     cost_name = context.spec.sweep.cost
     if cost_name is None:
         return []
@@ -123,8 +136,10 @@ def _export_pareto(context: SweepContext, trials: list[TrialSummary], deployable
         deployable, meta = deployable_of(trial)
         test_acc, _ = write_student_files(deployable, data, directory / trial.trial_id, tracker,
                                           parent_run_id, f"{PARETO_DIR}/{trial.trial_id}", meta)
+        costs = {("latency_ms" if name == "latency" else name): trial.metrics.get(f"cost_{name}") for name in COSTS}
         rows.append({"trial_id": trial.trial_id, "val_acc": trial.metrics[METRIC], "test_acc": test_acc,
-                     "cost_name": cost_name, "cost": trial.metrics[cost], "settings": trial.sampled})
+                     "cost_name": cost_name, "cost": trial.metrics[cost], "cost_unit": COST_UNITS[cost_name],
+                     "costs": costs, "settings": trial.sampled})
     tracker.client.log_dict(parent_run_id, rows, "pareto.json")
     tracker.set_tags(parent_run_id, {tags.PARETO_TRIAL_IDS: ",".join(r["trial_id"] for r in rows)})
     return rows

@@ -19,10 +19,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from rich.console import Console
 
-from sweeps import tags
+from sweeps import interrupts, tags
 from sweeps.callbacks import CloseTrialRuns, LiveProgress
 from sweeps.finish import SweepOutcome, finish_sweep, study_storage
-from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption
+from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption, poll_cancel, record_driver
 from sweeps.pipeline import SweepContext, trial_resources
 from sweeps.preflight import check_before_start, check_cluster_resources, check_experiment
 from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, StudySearch, prune_checkpoints
@@ -32,6 +32,7 @@ from sweeps.space import SearchSpace
 from sweeps.spec import SpecError, SweepSpec, load_spec
 from sweeps.tracking import Tracker
 from sweeps.trainable import train_trial
+from sweeps.warm_start import WarmStart, objectives, resolve_warm_start, start_from
 
 __all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "check_before_start", "check_new_sweep",
            "default_sweep_name", "resumable", "resume_sweep", "run_sweep"]
@@ -52,9 +53,16 @@ def default_sweep_name(spec: SweepSpec) -> str:
 
 
 def _quiet_driver() -> None:
+    """The console shows the sweep's own lines: third parties' INFO lines, progress bars and
+    deprecation notices stay off it (Ray's and Tune's go to a log file: cluster.session)."""
+    import logging
+
     os.environ.update(QUIET_TUNE)
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # re-reading the exported model
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # as in the workers (WORKER_ENV)
     if not ray.is_initialized():
         raise RuntimeError("start Ray first (cluster.session.ray_session): Tune would start one off loopback")
 
@@ -77,15 +85,17 @@ def _scheduler(spec: SweepSpec) -> tune.schedulers.TrialScheduler:
                          reduction_factor=s.reduction_factor)
 
 
-def check_new_sweep(tracker: Tracker, name: str, storage: Path, spec: SweepSpec | None = None) -> None:
-    """The name is free in the tracking store and the storage, and (given the spec) its MLflow
-    experiment can take runs; SpecError otherwise. Writes nothing."""
+def check_new_sweep(tracker: Tracker, name: str, storage: Path, spec: SweepSpec | None = None) -> WarmStart | None:
+    """The name is free in the tracking store (a deleted sweep's name is) and the storage, and
+    (given the spec) its MLflow experiment can take runs and its warm-start sweep exists; SpecError
+    otherwise. Writes nothing; returns the resolved warm start, if the spec asks for one."""
     if spec is not None:
         check_experiment(tracker, spec.tracking.experiment)
     if any(r.data.tags.get(tags.SWEEP) == name for r in tracker.find_sweeps(name)):
         raise SpecError(f"a sweep named {name!r} already exists in {tracker.uri}; choose another --name")
     if (storage / name).exists():
         raise SpecError(f"{storage / name} already exists; choose another --name or --storage")
+    return resolve_warm_start(tracker, spec) if spec is not None else None
 
 
 def run_sweep(
@@ -96,14 +106,14 @@ def run_sweep(
     check_cluster_resources(spec.sweep)  # now that Ray is up, before anything is written
     storage = storage.resolve()
     tracker = Tracker(tracking_uri)
-    check_new_sweep(tracker, name, storage, spec)
+    warm = check_new_sweep(tracker, name, storage, spec)
     experiment_dir = storage / name
     experiment_dir.mkdir(parents=True)
     spec_yaml = yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False)
     (experiment_dir / SPEC_FILE).write_text(spec_yaml)
     parent_run_id = tracker.start_sweep(
         tracker.experiment_id(spec.tracking.experiment), name,
-        {tags.SPEC: spec.name, tags.STORAGE: str(storage),
+        {tags.SPEC: spec.name, tags.STORAGE: str(storage), **(warm.lineage_tags() if warm else {}),
          **({"mlflow.note.content": spec.description} if spec.description else {})},
     )
     tracker.client.log_text(parent_run_id, spec_yaml, SPEC_FILE)
@@ -112,10 +122,17 @@ def run_sweep(
         "max_concurrent": spec.sweep.max_concurrent, "sampler": spec.sweep.sampler.type,
         "scheduler": spec.sweep.scheduler.type, "metric": METRIC,
         "search": ",".join(spec.search), "student": spec.student.arch.label(),
-        "teacher": spec.teacher.arch.label() if spec.teacher else "",
+        "teacher": spec.teacher.arch.label() if spec.teacher else "", "objectives": objectives(spec),
+        **({"time_budget_s": spec.sweep.time_budget} if spec.sweep.time_budget else {}),
+        **({"warm_start_from": warm.sweep} if warm else {}),
     })
     context = SweepContext(name, spec, str(storage), tracking_uri, parent_run_id)
-    return _drive(context, tracker, console or Console(stderr=True), restore=False)
+    console = console or Console(stderr=True)
+    if warm is not None:  # into the study before the searcher loads it
+        taken = start_from(warm, spec, study_storage(context), name)
+        tracker.set_tags(parent_run_id, {tags.WARM_START: taken})
+        console.print(f"warm start: {taken}", markup=False)
+    return _drive(context, tracker, console, restore=False)
 
 
 def resumable(name: str, tracker: Tracker, address: str | None = None) -> SweepContext:
@@ -176,7 +193,7 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
         run_config.callbacks = _callbacks(context, tracker, console, config.scheduler)
         return tuner
     searcher = SweepSearch(
-        epochs=epochs, space=SearchSpace(spec), sampler=_sampler(spec),
+        epochs=epochs, space=SearchSpace(spec), sampler=_sampler(spec), time_budget_s=spec.sweep.time_budget,
         **({"metric": [METRIC, f"cost_{spec.sweep.cost}"], "mode": ["max", "min"]} if spec.sweep.cost
            else {"metric": METRIC, "mode": "max"}),
         points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
@@ -205,7 +222,15 @@ def _callbacks(context: SweepContext, tracker: Tracker, console: Console,
     spec, epochs = context.spec, context.spec.recipe.build().epochs
     return [SchedulerState(scheduler), KeepRestorableCheckpoints(),
             CloseTrialRuns(tracker.uri, context.parent_run_id, epochs),
-            LiveProgress(spec.sweep.num_trials, epochs, METRIC, console)]
+            LiveProgress(spec.sweep.num_trials, epochs, METRIC, console), CancelWatch()]
+
+
+class CancelWatch(tune.Callback):
+    """Tune's loop looks for a `kdsweep cancel` request (`interrupts.poll_cancel`). Stateless, and
+    last among the callbacks (Tune restores their states by position)."""
+
+    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
+        poll_cancel()
 
 
 def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: bool) -> SweepOutcome:
@@ -215,6 +240,7 @@ def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: b
     experiment_dir = Path(context.storage) / context.name
     try:
         with StopOnSignals(experiment_dir) as signals:
+            record_driver(experiment_dir)  # `kdsweep cancel` tells a live driver from a dead one by it
             console.print(f"[bold]kdsweep[/] sweep [cyan]{context.name}[/]: {spec.sweep.num_trials} trials, "
                           f"{spec.sweep.max_concurrent} at a time, tracking {tracker.uri}"
                           + (" (resumed)" if restore else ""))
@@ -224,13 +250,26 @@ def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: b
             tune_seconds = time.monotonic() - tune_started
             prune_checkpoints(experiment_dir)  # fit ends with a snapshot that waited for storage
             trials = summarize(results, spec.recipe.build().epochs)
+            _note_budget(tracker, context, len(results), console)
             _reconcile(tracker, parent_run_id, trials)
             outcome = finish_sweep(context, tracker, results, trials, console)
     except BaseException as error:
-        _close_after(tracker, context, error)
+        cause = interrupts.signal_cause(error)
+        _close_after(tracker, context, cause)
+        if cause is not error:  # a signal that arrived inside Ray's native code
+            raise cause from None
         raise
     tracker.finish(parent_run_id, "FINISHED")
     return dataclasses.replace(outcome, seconds=time.monotonic() - started, tune_seconds=tune_seconds)
+
+
+def _note_budget(tracker: Tracker, context: SweepContext, started: int, console: Console) -> None:
+    """Say on the parent run when `sweep.time_budget` ended the sweep (fewer trials than asked)."""
+    budget, wanted = context.spec.sweep.time_budget, context.spec.sweep.num_trials
+    if budget is not None and started < wanted:
+        note = f"spent: {started} of {wanted} trials started within the {budget:g} s time budget"
+        tracker.set_tags(context.parent_run_id, {tags.TIME_BUDGET: note})
+        console.print(f"time budget {note}", markup=False)
 
 
 def _close_after(tracker: Tracker, context: SweepContext, error: BaseException) -> None:

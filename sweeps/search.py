@@ -1,8 +1,11 @@
 """The sweep's searcher and the state it leaves on disk.
 
-`SweepSearch` is Ray's OptunaSearch with one difference: a trial Tune stopped before its last
+`SweepSearch` is Ray's OptunaSearch with two differences: a trial Tune stopped before its last
 epoch (ASHA) enters the Optuna study as PRUNED with its intermediate values, as Optuna's own
-pruners record it, not as COMPLETE with a partial value that TPE would take for a final one.
+pruners record it, not as COMPLETE with a partial value that TPE would take for a final one; and
+with a time budget (`sweep.time_budget`) it starts no trial once the budget is spent (it answers
+Searcher.FINISHED: running trials finish, then Tune ends as after the last trial). Tune's own
+`time_budget_s` would kill the running trials instead.
 
 `check_search_state` reads what `Tuner.restore` would read (the newest experiment, search
 generator and searcher snapshots, the tuner pickle, the study) without executing any of it, so
@@ -15,12 +18,15 @@ import json
 import logging
 import pickletools
 import sqlite3
+import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any
 
 from optuna.trial import TrialState
 from ray.air.constants import TRAINING_ITERATION
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.restore import check_storage_trusted
@@ -34,6 +40,7 @@ LOG = logging.getLogger("kdsweep")
 STATE_FILES = {"experiment_state-*.json": "json", "search_gen_state-*.json": "pickle",
                "searcher-state-*.pkl": "pickle", "tuner.pkl": "pickle"}
 STUDY_FILE = "study.db"  # the Optuna study, in the sweep's storage directory (sweeps.finish.study_storage)
+DRIVER_SESSION = uuid.uuid4().hex  # this driver process: a budget clock saved by another one restarts here
 
 
 class SearchStateError(SpecError):
@@ -50,9 +57,32 @@ class SweepSearch(OptunaSearch):
     PRUNED without values there, as `study.optimize` records a multi-objective TrialPruned.
     """
 
-    def __init__(self, *, epochs: int, **kwargs: Any) -> None:
+    def __init__(self, *, epochs: int, time_budget_s: float | None = None, **kwargs: Any) -> None:
         self._epochs = epochs
+        self._budget_s = time_budget_s
+        self._spent_s = 0.0  # of the budget; saved with the searcher's state, so it survives a resume
+        self._tick: tuple[str, float] | None = None  # (driver session, monotonic time) of the last look
         super().__init__(**kwargs)
+
+    def budget_spent_s(self) -> float:
+        """Seconds of running time so far: this driver's, plus earlier drivers' up to their last
+        saved state (time between drivers, while nobody ran the sweep, is not counted)."""
+        now, tick, spent = time.monotonic(), getattr(self, "_tick", None), getattr(self, "_spent_s", 0.0)
+        if tick is not None and tick[0] == DRIVER_SESSION:
+            spent += now - tick[1]
+        self._spent_s, self._tick = spent, (DRIVER_SESSION, now)
+        return spent
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        """The next configuration, or Searcher.FINISHED once the time budget is spent."""
+        budget = getattr(self, "_budget_s", None)  # None in a sweep saved before budgets existed
+        if budget is not None and self.budget_spent_s() >= budget:
+            return Searcher.FINISHED
+        return super().suggest(trial_id)
+
+    def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
+        self.budget_spent_s()  # keeps the saved clock current between suggestions
+        super().on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         """Record the trial's last result, then tell the study how it ended: PRUNED when it ran

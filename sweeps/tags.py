@@ -26,6 +26,10 @@ BASELINE_RUN_ID = PREFIX + "baseline_run_id"
 TEACHER_RUN_ID = PREFIX + "teacher_run_id"
 PARETO_TRIAL_IDS = PREFIX + "pareto_trial_ids"  # comma-separated, multi-objective sweeps only
 CONFIRMED_BEST_TRIAL_ID = PREFIX + "confirmed_best_trial_id"
+TIME_BUDGET = PREFIX + "time_budget"  # set when sweep.time_budget ended the sweep: how many trials ran
+WARM_START_FROM = PREFIX + "warm_start_from"  # the earlier sweep this one started from (sweep.warm_start)
+WARM_START_RUN_ID = PREFIX + "warm_start_run_id"  # that sweep's parent run
+WARM_START = PREFIX + "warm_start"  # what was taken from it: trials added to the study, or points enqueued
 
 # Child runs.
 TRIAL_ID = PREFIX + "trial_id"  # trial and confirmation runs: the Tune trial id

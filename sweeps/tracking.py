@@ -13,18 +13,22 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, Run, RunTag
-from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
-
-from kd_core.train import NonFiniteLossError
 from sweeps import tags
+
+if TYPE_CHECKING:
+    from mlflow.entities import Run
+
+# MLflow (and kd_core, hence torch) are imported where they are used: every command imports this
+# module, and `kdsweep --help` must not wait seconds for them.
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 BATCH = 100  # MLflow's limit of params per log_batch call
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+# MLflow 3's UI opens an experiment by its kind: model development opens on its runs (GenAI would
+# open on traces). The tag and value are the UI's (mlflow/server/js: ExperimentKind).
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def resolve_tracking_uri(uri: str | None) -> str:
@@ -50,14 +54,22 @@ def local_artifact_root(uri: str) -> str | None:
 
 class Tracker:
     def __init__(self, uri: str) -> None:
+        from mlflow import MlflowClient
+
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 
     def experiment_id(self, name: str) -> str:
+        """The experiment `name`, created as a model-development experiment if it is new; one
+        without a kind (made elsewhere, or by an earlier kdsweep) is given it."""
         experiment = self.client.get_experiment_by_name(name)
-        if experiment is not None:
-            return experiment.experiment_id
-        return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri))
+        if experiment is None:
+            return self.client.create_experiment(name, artifact_location=local_artifact_root(self.uri),
+                                                 tags=EXPERIMENT_KIND)
+        for key, value in EXPERIMENT_KIND.items():
+            if key not in experiment.tags:
+                self.client.set_experiment_tag(experiment.experiment_id, key, value)
+        return experiment.experiment_id
 
     def _all_experiment_ids(self) -> list[str]:
         return [e.experiment_id for e in self.client.search_experiments()]
@@ -84,6 +96,8 @@ class Tracker:
         return run.info.run_id
 
     def children(self, parent_run_id: str, role: str | None = None) -> list[Run]:
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
         parent = self.client.get_run(parent_run_id)
         query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
         if role:
@@ -110,6 +124,8 @@ class Tracker:
     ) -> str:
         """Create the child run identified by (`key_tag`, `key`), or reopen it after a restart
         (its `run_tags` then updated: a retried trial may run on another node)."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
+
         existing = self.child_by_key(parent_run_id, role, key_tag, key)
         if existing is not None:  # a retried or resumed trial, or a stage retrained after a crash
             run_id = existing.info.run_id
@@ -127,6 +143,8 @@ class Tracker:
         return run.info.run_id
 
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        from mlflow.entities import Param
+
         items = [Param(k, str(v)) for k, v in params.items()]
         for start in range(0, len(items), BATCH):
             self.client.log_batch(run_id, params=items[start:start + BATCH])
@@ -136,12 +154,16 @@ class Tracker:
         return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
     def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
         now = int(time.time() * 1000)
         self.client.log_batch(
             run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
         )
 
     def set_tags(self, run_id: str, run_tags: dict[str, str]) -> None:
+        from mlflow.entities import RunTag
+
         self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in run_tags.items()])
 
     def finish(self, run_id: str, status: str, reason: str | None = None) -> None:
@@ -179,6 +201,8 @@ def end_status(epochs_done: int, epochs: int, error: BaseException | str | None 
     how Tune stops a trial (ASHA, and every trial at max_t): FINISHED if every epoch ran. The
     scheduler's reason is the driver's to give (`CloseTrialRuns`): only it knows the stop was ASHA's.
     """
+    from kd_core.train import NonFiniteLossError
+
     if isinstance(error, KeyboardInterrupt):
         return "KILLED", "interrupted"
     if isinstance(error, NonFiniteLossError):

@@ -13,7 +13,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from kd_core.cost import COSTS
+from kd_core.cost import LatencyProtocol, measure_costs
 from kd_core.train import EpochReport, fit, load_checkpoint
 from sweeps import tags
 from sweeps.interrupts import interruption
@@ -34,8 +34,11 @@ from sweeps.tracking import Tracker, child_run
 
 
 def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
-    """The MLflow params of a trial run: method, every method param, arch, recipe, data, seed."""
-    return {"method": plan.method, **plan.param_dict(), **arch_params("arch", plan.student_arch),
+    """The MLflow params of a trial run, named by their spec paths where they have one (`method.T`,
+    `student.args.width`, `recipe.lr`): method, every method param, arch, recipe, data, seed."""
+    arch = arch_params("arch", plan.student_arch)
+    return {"method": plan.method, **{f"method.{k}": v for k, v in plan.param_dict().items()},
+            "arch": arch["arch"], **{f"student.args.{k}": v for k, v in plan.student_arch.get("args", {}).items()},
             **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
             **({"teacher": spec.teacher.arch.label()} if spec.teacher else {})}
 
@@ -61,7 +64,8 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         options = fit_options(context, distiller, sources, data, spec.data.model_dump())
         run.set_tags({**lineage_tags(sources), tags.TEACHER_CACHE: "on" if options["source_cache"] else "off"})
         example, _ = next(data.val.batches(1))
-        costs = {f"cost_{name}": float(measure(distiller.deployable(), example)) for name, measure in COSTS.items()}
+        # Measured the same way for every trial (spec.sweep.latency), on its device and threads.
+        costs = measure_costs(distiller.deployable(), example, LatencyProtocol(**spec.sweep.latency.model_dump()))
         run.log_metrics(costs)
         checkpoint = tune.get_checkpoint()
         resume = None

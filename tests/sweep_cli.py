@@ -50,14 +50,16 @@ def kdsweep(*args: str, cwd: Path, timeout: float = 900, env: dict[str, str] | N
 def run_spec(work: Path, spec: dict[str, Any], name: str, *, timeout: float = 900,
              env: dict[str, str] | None = None) -> dict[str, Any]:
     """Write `spec` to `work`/spec.yaml (key order kept: `when` conditions depend on it), run it as
-    sweep `name`, assert it exits 0; the work folder, tracking URI, tracker, parent run and stdout."""
+    sweep `name`, assert it exits 0; the work folder, tracking URI, tracker, parent run, stdout and
+    stderr (the progress lines: a run piped to a file prints one line per finished trial)."""
     (work / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
     done = kdsweep("run", "spec.yaml", "--name", name, cwd=work, timeout=timeout, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
     uri = f"sqlite:///{work / 'mlflow.db'}"
     tracker = Tracker(uri)
     (parent,) = tracker.find_sweeps(name)
-    return {"work": work, "uri": uri, "tracker": tracker, "parent": parent, "stdout": done.stdout}
+    return {"work": work, "uri": uri, "tracker": tracker, "parent": parent, "stdout": done.stdout,
+            "stderr": done.stderr}
 
 
 def run_digits_sweep(work: Path) -> dict[str, Any]:

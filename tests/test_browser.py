@@ -1,5 +1,5 @@
-"""The MLflow UI in a real browser: the session's small real sweep (tests/sweep_cli.py), `kdsweep ui`
-on 127.0.0.1, headless Chromium.
+"""The MLflow UI and optuna-dashboard in a real browser: the session's small real sweep
+(tests/sweep_cli.py), `kdsweep ui` and `kdsweep dashboard` on 127.0.0.1, headless Chromium.
 
 Chromium is Debian's (`make test` installs it); Playwright drives it through its bundled driver.
 Screenshots are kept in test-artifacts/browser/ at the repository root.
@@ -7,7 +7,9 @@ Screenshots are kept in test-artifacts/browser/ at the repository root.
 
 from __future__ import annotations
 
+import hashlib
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,11 +18,15 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import optuna
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
 
+from sweeps.cli.dashboard import open_study_read_only, study_path
+from sweeps.plots import REPORT
 from tests.sweep_cli import MODEL, NAME, SPEC, TRIALS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,30 +58,45 @@ def sweep(digits_sweep) -> dict:
     return {**digits_sweep, "children": children}
 
 
-@pytest.fixture(scope="module")
-def ui(sweep) -> Iterator[str]:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}"
-    with open(sweep["work"] / "ui.log", "w") as log:
-        server = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "ui", "--port", str(port)],
-                                  cwd=sweep["work"], env=_env(), stdout=log, stderr=subprocess.STDOUT,
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _serving(args: list[str], work: Path, log_name: str, ready_url: str, stop: signal.Signals,
+             ) -> Iterator[subprocess.Popen]:
+    """`kdsweep ARGS` in its own process in `work`, once `ready_url` answers (at most 90 s); stopped
+    with `stop` sent to its process group on exit."""
+    log_path = work / log_name
+    with open(log_path, "w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args],
+                                  cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT,
                                   start_new_session=True)  # its own group: its workers stop with it
         try:
             deadline = time.monotonic() + 90
             while True:
                 try:
-                    with urllib.request.urlopen(f"{url}/health", timeout=5):
+                    with urllib.request.urlopen(ready_url, timeout=5):
                         break
                 except OSError:
-                    assert server.poll() is None, (sweep["work"] / "ui.log").read_text()[-3000:]
-                    assert time.monotonic() < deadline, "the MLflow UI did not answer within 90 s"
+                    assert server.poll() is None, log_path.read_text()[-3000:]
+                    assert time.monotonic() < deadline, f"kdsweep {args[0]} did not answer within 90 s"
                     time.sleep(1)
-            yield url
+            yield server
         finally:
-            os.killpg(server.pid, signal.SIGTERM)
+            if server.poll() is None:
+                os.killpg(server.pid, stop)
             server.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def ui(sweep) -> Iterator[str]:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _serving(["ui", "--port", str(port)], sweep["work"], "ui.log", f"{url}/health", signal.SIGTERM):
+        yield url
 
 
 @pytest.fixture
@@ -131,3 +152,68 @@ def test_registered_model_shows_champion_alias(chromium, sweep, ui, page) -> Non
         expect(row).to_contain_text("champion", timeout=WAIT_MS)
     finally:
         _screenshot(page, "registered_model.png")
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_dashboard_shows_the_sweeps_study_and_its_trials(chromium, sweep, page) -> None:
+    study_file = study_path(sweep["parent"])
+    study = optuna.load_study(study_name=NAME, storage=open_study_read_only(study_file, NAME))
+    trials = study.get_trials()
+    assert len(trials) == TRIALS
+    before = _sha256(study_file)
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    with _serving(["dashboard", NAME, "--port", str(port)], sweep["work"], "dashboard.log",
+                  f"{url}/api/studies", signal.SIGINT) as server:  # SIGINT: Ctrl-C, as a user stops it
+        try:
+            page.goto(url, timeout=WAIT_MS)
+            page.get_by_role("link").filter(has_text=NAME).click()  # the study, from the dashboard's list
+            page.get_by_role("link", name="Trials (List)").click()
+            expect(page.get_by_role("listitem").filter(has_text=f"{len(trials)} Trials")).to_be_visible(
+                timeout=WAIT_MS)
+            for trial in trials:
+                entry = page.get_by_role("button").filter(has_text=f"Trial {trial.number}")
+                expect(entry).to_contain_text(trial.state.name.capitalize(), timeout=WAIT_MS)
+            expect(page.get_by_role("button").filter(has_text=f"Trial {study.best_trial.number}")).to_contain_text(
+                "Best Trial", timeout=WAIT_MS)
+        finally:
+            _screenshot(page, "optuna_dashboard_trials.png")
+    assert server.returncode == 0, (sweep["work"] / "dashboard.log").read_text()[-3000:]
+    assert _sha256(study_file) == before  # read-only: serving never changed the study
+
+
+def test_parent_run_report_draws_parallel_coordinates(chromium, sweep, ui, page) -> None:
+    parent = sweep["parent"]
+    assert {f.path for f in sweep["tracker"].client.list_artifacts(parent.info.run_id, "plots")} >= {
+        f"plots/{REPORT}", "plots/parallel_coordinate.png"}
+    study = optuna.load_study(study_name=NAME, storage=open_study_read_only(study_path(parent), NAME))
+    completed = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    blocked: list[str] = []  # the report must render offline: nothing but the UI itself is fetched
+
+    def loopback_only(route) -> None:
+        if route.request.url.startswith(("http://127.0.0.1", "blob:", "data:")):
+            route.continue_()
+        else:
+            blocked.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", loopback_only)
+    page.goto(f"{ui}/#/experiments/{parent.info.experiment_id}/runs/{parent.info.run_id}/artifacts/plots/{REPORT}",
+              timeout=WAIT_MS)
+    try:
+        report = page.frame_locator("iframe.mlflow-html-iframe")  # the MLflow UI's HTML artifact view
+        plot = report.locator("#parallel_coordinate")
+        expect(plot.locator("text.gtitle")).to_have_text("Parallel Coordinate Plot", timeout=WAIT_MS)
+        _close_assistant(page)
+        plot.scroll_into_view_if_needed()  # for the screenshot
+        for param in SPEC["search"]:  # one axis per searched parameter, drawn by plotly as SVG
+            label = plot.locator("g.xtick text").filter(has_text=re.compile(f"^{re.escape(param)}$"))
+            expect(label).to_have_count(1, timeout=WAIT_MS)
+        # one line per completed trial of the study
+        expect(plot.locator("g.trace.scatter path.js-line")).to_have_count(len(completed), timeout=WAIT_MS)
+    finally:
+        _screenshot(page, "report_parallel_coordinate.png")
+    assert not [u for u in blocked if "plot" in u], blocked

@@ -179,7 +179,8 @@ def test_submitted_sweep_spreads_over_nodes_and_survives_a_worker_node_dying(clu
     (cluster.work / "failover.yaml").write_text(yaml.safe_dump(sweep_spec("failover", trials, max_failures=3)))
     submit = subprocess.Popen(  # waits for the job and streams its logs, as a user runs it
         [sys.executable, "-m", "sweeps.cli", "submit", "failover.yaml", "--cluster-dir", str(cluster.dir),
-         "--name", "failover"], cwd=cluster.work, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+         "--name", "failover", "--set", "tracking.registered_model=failover_set"],
+        cwd=cluster.work, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True)
     try:
         victim_ip, victim = _first_trial_on_a_worker(cluster.tracker, "failover", timeout=300)
@@ -201,7 +202,8 @@ def test_submitted_sweep_spreads_over_nodes_and_survives_a_worker_node_dying(clu
     assert parent.data.tags[tags.STORAGE] == cluster.state.storage  # the path every node reaches
     assert parent.info.artifact_uri.startswith("mlflow-artifacts:")  # proxied by the server
     assert not (cluster.work / "mlflow.db").exists()  # never the local default store
-    version = tracker.client.get_model_version_by_alias("failover_student", "champion")  # the first: champion
+    # --set travelled with the job: the file's registered_model is failover_student.
+    version = tracker.client.get_model_version_by_alias("failover_set", "champion")  # the first: champion
     assert str(version.version) == parent.data.tags["kdsweep.model_version"]
     children = tracker.children(parent.info.run_id)
     assert not [r for r in children if r.info.status == "RUNNING"]

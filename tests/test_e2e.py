@@ -26,7 +26,7 @@ from kd_core.stages import StageStore
 from kd_core.train import evaluate
 from sweeps import tags
 from sweeps.export import load_registered
-from tests.sweep_cli import EPOCHS, NAME, TRIALS, kdsweep
+from tests.sweep_cli import EPOCHS, MODEL, NAME, TRIALS, kdsweep
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,9 +87,10 @@ def test_each_trial_has_params_and_one_point_per_epoch(sweep) -> None:
     for run in tracker.children(parent.info.run_id, "trial"):
         params = run.data.params
         assert params["method"] == "kd"
-        assert {"T", "w_ce", "w_kd", "kl_reduction", "arch", "arch.width", "recipe.lr",
+        assert {"method.T", "method.w_ce", "method.w_kd", "method.kl_reduction", "arch", "student.args.width",
+                "recipe.lr",
                 "recipe.epochs", "teacher", "seed"} <= set(params)
-        assert 1.0 <= float(params["T"]) <= 8.0
+        assert 1.0 <= float(params["method.T"]) <= 8.0  # named by its spec path
         for key in ("val_acc", "train_loss", "train_loss_ce", "train_loss_kd"):
             steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, key)]
             assert steps == list(range(1, len(steps) + 1)), key
@@ -159,12 +160,12 @@ def test_status_lists_the_sweep_and_its_trials(sweep) -> None:
     assert detail.stdout.count("FINISHED") + detail.stdout.count("KILLED") >= TRIALS
 
 
-def test_pulled_torchscript_runs_with_torch_alone(sweep, tmp_path) -> None:
+def test_pulled_program_runs_with_torch_alone(sweep, tmp_path) -> None:
     done = kdsweep("pull", NAME, "--to", str(tmp_path / "student"), cwd=sweep["work"])
     assert done.returncode == 0, done.stderr
     assert "model: models:/e2e_student/1" in done.stdout
     files = {p.name for p in (tmp_path / "student").iterdir()}
-    assert {"student.torchscript.pt", "student_state_dict.pt", "student.json"} <= files
+    assert {"student.onnx", "student.pt2", "student_state_dict.pt", "student.json"} <= files
     meta = json.loads((tmp_path / "student" / "student.json").read_text())
     recorded = sweep["parent"].data.metrics["best_test_acc"]
     assert meta["test_acc"] == recorded
@@ -173,7 +174,7 @@ def test_pulled_torchscript_runs_with_torch_alone(sweep, tmp_path) -> None:
     torch.save({"images": test.images, "labels": test.labels}, tmp_path / "test.pt")
     script = (
         "import sys, torch\n"
-        f"model = torch.jit.load({str(tmp_path / 'student' / 'student.torchscript.pt')!r})\n"
+        f"model = torch.export.load({str(tmp_path / 'student' / 'student.pt2')!r}).module()\n"
         f"data = torch.load({str(tmp_path / 'test.pt')!r})\n"
         "with torch.no_grad():\n"
         "    predicted = model(data['images']).argmax(1)\n"
@@ -192,7 +193,7 @@ def test_registered_champion_loads_and_reproduces_accuracy(sweep) -> None:
     client = MlflowClient(sweep["uri"])
     version = client.get_model_version_by_alias("e2e_student", "champion")
     assert str(version.version) == sweep["parent"].data.tags["kdsweep.model_version"]
-    model = load_registered("models:/e2e_student@champion")  # TorchScript: nothing in the store is unpickled
+    model = load_registered("models:/e2e_student@champion")  # ONNX: nothing in the store is unpickled
     _, accuracy = evaluate(model, DATASETS.get("digits")().test)
     assert accuracy == sweep["parent"].data.metrics["best_test_acc"]
 
@@ -237,3 +238,30 @@ def test_ui_serves_the_sweep_on_loopback(sweep) -> None:
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
+
+
+def test_piped_run_prints_one_line_per_trial_and_no_third_party_noise(sweep) -> None:
+    """Not a terminal: one progress line per finished trial; Ray's and Tune's log lines are in the
+    driver's log file, not on the console."""
+    lines = sweep["stderr"].splitlines()
+    progress = [line for line in lines if line.startswith("trial ")]
+    assert len(progress) == TRIALS, sweep["stderr"][-3000:]
+    assert all(f"/{TRIALS} " in line for line in progress)
+    for noise in ("Token authentication", " INFO ", "Started a local Ray instance", "*** SIGTERM"):
+        assert noise not in sweep["stderr"], noise
+
+
+def test_readme_prediction_example_runs(sweep, tmp_path) -> None:
+    """README's "Predicting with it" block, run as written on this sweep's pulled student (only
+    the folder and the registered model's name changed): it must predict what the student does."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("Predicting with it", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    student = tmp_path / "student"
+    assert kdsweep("pull", NAME, "--to", str(student), cwd=sweep["work"]).returncode == 0
+    script = (block.replace("DIR/", f"{student}/").replace("digits_kd_student/3", f"{MODEL}/1")
+              .replace("digits_kd_student", MODEL)
+              + "\nassert (model(torch.from_numpy(x)).argmax(dim=1).numpy() == logits.argmax(axis=1)).all()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=tmp_path, env={**os.environ, "MLFLOW_TRACKING_URI": sweep["uri"]})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert len(done.stdout.split("\n")[0].strip("[]").split()) == 5  # five predicted classes

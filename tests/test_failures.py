@@ -47,7 +47,7 @@ def test_failed_trials_are_recorded_and_the_sweep_finishes(tmp_path) -> None:
     assert parent.info.status == "FINISHED"
     trials = tracker.children(parent.info.run_id, "trial")
     assert len(trials) == 4  # retried trials reopen their run
-    by_kind = {(r.data.params["method"], r.data.params.get("marker", "")): r for r in trials}
+    by_kind = {(r.data.params["method"], r.data.params.get("method.marker", "")): r for r in trials}
     nan, broken = by_kind[("test_nan", "")], by_kind[("test_raise", "")]
     assert nan.info.status == "FAILED" and "non-finite loss" in nan.data.tags[tags.END_REASON]
     assert broken.info.status == "FAILED" and "RuntimeError: injected failure" in broken.data.tags[tags.END_REASON]

@@ -376,16 +376,17 @@ def test_one_epoch_of_fit_logs_every_term(method, digits) -> None:
 
 
 @pytest.mark.parametrize("method", USER_METHODS)
-def test_every_method_deploys_as_torchscript(method, tmp_path) -> None:
-    """The deployable of each method traces, saves, reloads and predicts like the original."""
-    import warnings
+def test_every_method_deploys_as_exported_program(method, tmp_path) -> None:
+    """The deployable of each method exports (torch.export, dynamic batch), saves, reloads and
+    predicts like the original: the form `kdsweep` ships (sweeps/export.py)."""
+    from sweeps.export import exportable
 
     deploy = build_distiller(method).deployable().eval()
     images = torch.randn(3, 1, 8, 8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        torch.jit.trace(deploy, images).save(str(tmp_path / "m.pt"))
-        loaded = torch.jit.load(str(tmp_path / "m.pt"))
+    program = torch.export.export(exportable(deploy), (images,),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    torch.export.save(program, tmp_path / "m.pt2")
+    loaded = torch.export.load(tmp_path / "m.pt2").module()
     with torch.no_grad():
         torch.testing.assert_close(loaded(images), deploy(images))
         assert loaded(torch.randn(7, 1, 8, 8)).shape == (7, 10)  # any batch size

@@ -79,7 +79,7 @@ BAD = [
     ("teacher", None, "method kd: needs a teacher (add a 'teacher' section)"),
     ("name", "my sweep!", "name: use letters, digits"),
     ("sweep", {"objectives": ["accuracy", "params"]}, "a multi-objective sweep cannot use ASHA"),
-    ("sweep", {"objectives": ["params"]}, "objectives: [accuracy] or [accuracy, params | flops]"),
+    ("sweep", {"objectives": ["params"]}, "objectives: [accuracy] or [accuracy, params | flops | latency]"),
     ("search", {"student.args.width": {"type": "int", "low": 0, "high": 4}},
      "search.student.args.width: value 0 is invalid: width and depth must be at least 1"),
     ("sweep/initial_points", [{"method.Z": 1}], "sweep.initial_points.0: 'method.Z' is not a searched parameter"),

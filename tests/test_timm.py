@@ -85,4 +85,4 @@ def test_timm_teacher_and_student_in_a_kd_sweep(tmp_path) -> None:
     assert all("model=mobilenetv3_small_050" in r.data.params["arch"] for r in trials)
     (teacher,) = tracker.children(parent.info.run_id, "teacher")
     assert "model=regnetx_002" in teacher.data.params["arch"] and teacher.info.status == "FINISHED"
-    assert (tmp_path / "kdsweep_storage/timm/export/student.torchscript.pt").is_file()
+    assert (tmp_path / "kdsweep_storage/timm/export/student.onnx").is_file()

@@ -180,20 +180,26 @@ def test_a_teacher_cache_file_carrying_code_is_not_used(tmp_path: Path, marker: 
 
 
 def test_a_registered_model_carrying_code_is_refused(tmp_path: Path, marker: Path) -> None:
-    """The registered model is read with torch.jit.load: a model file replaced by a pickle (what
-    `mlflow.pytorch.load_model` would unpickle) is refused, and nothing runs."""
-    import mlflow.pytorch
+    """The registered model is ONNX, read by onnxruntime: a model file replaced by a pickle (or by
+    a torch.save-style zip holding one) is refused as not ONNX, and nothing runs."""
+    import mlflow.onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    from sweeps.export import REGISTERED_FILE, RegisteredModelError, load_registered
+    from sweeps.export import INPUT, OUTPUT, REGISTERED_FILE, RegisteredModelError, load_registered
 
     example = torch.randn(2, 1, 8, 8)
-    scripted = torch.jit.trace(build_model("convnet", 10, 1, {}).eval(), example)
+    weight = numpy_helper.from_array(np.ones((64, 10), np.float32), "weight")  # a linear classifier
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", [INPUT], ["flat"]), helper.make_node("MatMul", ["flat", "weight"], [OUTPUT])],
+        "honest", [helper.make_tensor_value_info(INPUT, TensorProto.FLOAT, ["batch", 1, 8, 8])],
+        [helper.make_tensor_value_info(OUTPUT, TensorProto.FLOAT, ["batch", 10])], [weight])
     saved = tmp_path / "model"
-    mlflow.pytorch.save_model(scripted, str(saved), serialization_format="pickle", pip_requirements=["torch"])
+    mlflow.onnx.save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(saved),
+                           save_as_external_data=False)
     assert load_registered(str(saved))(example).shape == (2, 10)  # an honest model loads
     for payload in (pickle.dumps(Payload(marker)), b"\x80\x02garbage"):
         (saved / REGISTERED_FILE).write_bytes(payload)
-        with pytest.raises(RegisteredModelError, match="not a TorchScript model"):
+        with pytest.raises(RegisteredModelError, match="not an ONNX model"):
             load_registered(str(saved))
     with zipfile.ZipFile(saved / REGISTERED_FILE, "w") as archive:  # a torch.save-style zip holding the payload
         archive.writestr("model/data.pkl", pickle.dumps(Payload(marker)))

@@ -7,7 +7,10 @@
 # Import order = the order of `kdsweep --help`.
 from sweeps.cli.app import app  # noqa: I001
 from sweeps.cli import sweep  # noqa: F401  run, resume
+from sweeps.cli import inspect  # noqa: F401  validate, list
 from sweeps.cli import records  # noqa: F401  status, best, pull, ui
+from sweeps.cli import manage  # noqa: F401  cancel, delete
+from sweeps.cli import dashboard  # noqa: F401  dashboard (optuna-dashboard)
 from sweeps.cli import jobs  # noqa: F401  submit, status --job
 from sweeps.cli import cluster  # noqa: F401  cluster up|down|status
 

@@ -3,12 +3,13 @@ common options, opening the tracking store, finding a sweep."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -20,8 +21,13 @@ from cluster.processes import ClusterError
 from cluster.state import DEFAULT_DIR
 from sweeps import tags
 from sweeps.cli.stores import TrackingError, check_store, first_line, redact
-from sweeps.spec import NAME_PATTERN, SpecError, SweepSpec
-from sweeps.tracking import DEFAULT_TRACKING_URI, Tracker, resolve_tracking_uri
+from sweeps.spec import SpecError
+from sweeps.tracking import DEFAULT_TRACKING_URI, resolve_tracking_uri
+
+if TYPE_CHECKING:  # Typer builds every command at import: what they need of torch, Ray or MLflow
+    # is imported inside them, so `kdsweep --help` starts in a fraction of a second.
+    from sweeps.spec import SweepSpec
+    from sweeps.tracking import Tracker
 
 MAX_MESSAGE = 2000  # characters of an error message; one quoting a huge input is cut, never printed whole
 
@@ -112,14 +118,17 @@ def open_tracker(tracking_uri: str | None, *, reading: bool = False, writes: boo
     """The tracker for a URI, checked before use (`check_store`: one line, not a traceback or minutes
     of retries). `reading` refuses a local store that is absent or empty (reading never creates
     one); `writes` (default: not `reading`) also needs a writable store."""
-    from mlflow.exceptions import MlflowException
-    from sqlalchemy.exc import SQLAlchemyError
-
     uri = resolve_tracking_uri(tracking_uri)
     db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
     if reading and db is not None and (not db.exists() or (db.is_file() and db.stat().st_size == 0)):
         raise NotFoundError(f"no sweeps recorded at {uri}")
     check_store(uri, create=not reading if writes is None else writes)
+    from mlflow.exceptions import MlflowException  # after the cheap checks: MLflow takes seconds to import
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from sweeps.tracking import Tracker
+
+    logging.getLogger("mlflow").setLevel(logging.WARNING)  # not its INFO lines ("Creating initial ... tables")
     try:
         tracker = Tracker(uri)
         tracker.client.search_experiments(max_results=1)  # a damaged or foreign store fails here, in one line
@@ -153,6 +162,8 @@ def find_sweep(tracker: Tracker, name: str) -> Any:
 def with_overrides(spec: SweepSpec, name: str | None, num_trials: int | None,
                    max_concurrent: int | None) -> SweepSpec:
     """The spec with `--num-trials` / `--max-concurrent` applied; checks `--name`."""
+    from sweeps.spec import NAME_PATTERN
+
     if name is not None and not NAME_PATTERN.match(name):
         raise SpecError(f"--name {name!r}: use letters, digits, '_', '.' and '-'")
     overrides = {k: v for k, v in {"num_trials": num_trials, "max_concurrent": max_concurrent}.items()

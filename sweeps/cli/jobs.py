@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -26,9 +27,8 @@ from sweeps.cli.app import (
     with_overrides,
 )
 from sweeps.cli.render import print_job, print_log_chunk
-from sweeps.pretrained import pin_teacher
-from sweeps.spec import SpecError, load_spec
-from sweeps.tracking import Tracker
+from sweeps.cli.sweep import SpecSets
+from sweeps.spec import SpecError
 
 
 def job_client(address: str | None, cluster_dir: Path) -> Any:
@@ -54,6 +54,18 @@ def job_status(job_id: str, address: str | None, follow: bool, cluster_dir: Path
         raise typer.Exit(1)
 
 
+def job_spec_file(spec_path: Path, sets: list[str] | tuple[str, ...], directory: Path) -> Path:
+    """The spec file a job carries: `spec_path` itself, or with `--set` items applied, written
+    into `directory` (so the job runs the overridden spec, not the file on disk)."""
+    if not sets:
+        return spec_path
+    from sweeps.spec.overrides import overridden_yaml
+
+    path = directory / spec_path.name
+    path.write_text(overridden_yaml(spec_path, sets), encoding="utf-8")
+    return path
+
+
 @app.command()
 @user_errors
 def submit(
@@ -75,8 +87,13 @@ def submit(
         help="Project directory shipped with the job (plugins, local modules); "
              "environments, stores and caches are left out.")] = Path("."),
     cluster_dir: ClusterDir = DEFAULT_CLUSTER_DIR,
+    sets: SpecSets = None,
 ) -> None:
     """Run a sweep as a Ray job on a cluster: `kdsweep run` on the head, trials on every node."""
+    from sweeps.pretrained import pin_teacher
+    from sweeps.spec import load_spec
+    from sweeps.tracking import Tracker
+
     found = state.find_local(address, cluster_dir)
 
     def job_tracking_uri() -> str:
@@ -86,9 +103,10 @@ def submit(
         return jobs.check_tracking_uri(uri)
 
     # A model_uri teacher is resolved where the job's trials will log; the overrides are
-    # checked here and applied again on the cluster.
+    # checked here and applied again on the cluster (the --set ones are in the job's spec file).
     spec = with_overrides(load_spec(spec_path, lambda s: pin_teacher(s, Tracker(job_tracking_uri()))
-                                    if s.teacher and s.teacher.model_uri else s), name, num_trials, max_concurrent)
+                                    if s.teacher and s.teacher.model_uri else s, sets or ()),
+                          name, num_trials, max_concurrent)
     if not working_dir.is_dir():
         raise SpecError(f"--working-dir {working_dir}: not a directory")
     if address is not None:
@@ -101,9 +119,11 @@ def submit(
     name = name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"  # as `kdsweep run` names sweeps
 
     client = job_client(address, cluster_dir)
-    job_id = jobs.submit(client, spec_path, name=name, storage=root, tracking_uri=uri, project=working_dir,
-                         metadata={tags.SWEEP: name, tags.SPEC: spec.name},
-                         num_trials=num_trials, max_concurrent=max_concurrent)
+    with tempfile.TemporaryDirectory(prefix="kdsweep-spec-") as tmp:
+        job_spec = job_spec_file(spec_path, sets or (), Path(tmp))
+        job_id = jobs.submit(client, job_spec, name=name, storage=root, tracking_uri=uri, project=working_dir,
+                             metadata={tags.SWEEP: name, tags.SPEC: spec.name},
+                             num_trials=num_trials, max_concurrent=max_concurrent)
     where = client.get_address()
     err.print(f"[bold]kdsweep[/] job [cyan]{escape(job_id)}[/] submitted to "
               + escape(f"{where}; tracking {uri}; storage {root}"),

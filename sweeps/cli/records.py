@@ -156,7 +156,8 @@ def pull(
         "--force", help="Pull even into a directory holding other files (same names are replaced).")] = False,
     tracking_uri: TrackingUri = None,
 ) -> None:
-    """Copy the best student's files (state dict, TorchScript, metadata) into a directory."""
+    """Copy the best student's files into a directory: every form (student.onnx, student.pt2,
+    student_state_dict.pt) and student.json, which says how to load each and preprocess its inputs."""
     import mlflow.artifacts
 
     check_writable(to, "--to")

@@ -12,7 +12,9 @@ from sweeps.cli.app import out
 from sweeps.results import status_counts
 
 STATUS_COLUMNS = {"FINISHED": "finished", "KILLED": "stopped", "FAILED": "failed", "RUNNING": "running"}
-TRIAL_PARAMS = ("T", "w_ce", "w_kd", "kl_reduction", "recipe.lr")  # shown in a sweep's trial table
+# Shown in a sweep's trial table, by spec path; runs recorded before params were named so carry
+# method params by their bare names ("T").
+TRIAL_PARAMS = ("method.T", "method.w_ce", "method.w_kd", "method.kl_reduction", "recipe.lr")
 
 
 def short(value: Any) -> str:
@@ -48,7 +50,7 @@ def print_outcome(outcome: Any) -> None:
                   f"val {stats['val_acc_mean']:.4f} ± {stats['val_acc_std']:.4f}, "
                   f"test {stats['test_acc_mean']:.4f} ± {stats['test_acc_std']:.4f}", soft_wrap=True)
     for row in outcome.pareto:
-        out.print(f"Pareto: trial {row['trial_id']} {row['cost_name']}={row['cost']:.0f} val {row['val_acc']:.4f} "
+        out.print(f"Pareto: trial {row['trial_id']} {row['cost_name']}={row['cost']:g} val {row['val_acc']:.4f} "
                   f"test {row['test_acc']:.4f}", soft_wrap=True)
     delta = outcome.export.test_acc - m["test_acc"]
     out.print(f"best vs CE-only student: {delta * 100:+.2f} test-accuracy points")
@@ -82,7 +84,8 @@ def print_trials(sweep: Any, trials: list[tuple[Any, int]]) -> None:
             trial.data.tags.get(tags.TRIAL_ID, ""), trial.info.status, params.get("method", ""), str(epochs),
             f"{metrics.get('val_acc_best', float('nan')):.4f}",
             f"{metrics['test_acc']:.4f}" if "test_acc" in metrics else "-",
-            ", ".join(f"{k}={params[k]}" for k in TRIAL_PARAMS if k in params),
+            ", ".join(f"{k}={params.get(k, params.get(k.removeprefix('method.')))}" for k in TRIAL_PARAMS
+                      if k in params or k.removeprefix("method.") in params),
         )
     out.print(table)
 
@@ -105,7 +108,7 @@ def print_pareto(sweep_name: str, rows: list[dict[str, Any]]) -> None:
     for column in ("trial", cost, "val acc", "test acc", "settings"):
         table.add_column(column)
     for row in rows:
-        table.add_row(row["trial_id"], f"{row['cost']:.0f}", f"{row['val_acc']:.4f}", f"{row['test_acc']:.4f}",
+        table.add_row(row["trial_id"], f"{row['cost']:g}", f"{row['val_acc']:.4f}", f"{row['test_acc']:.4f}",
                       settings(row["settings"]))
     out.print(table)
     out.print("pull one: kdsweep pull NAME --to DIR --trial TRIAL")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.markup import escape
@@ -23,9 +23,14 @@ from sweeps.cli.app import (
     user_errors,
     with_overrides,
 )
-from sweeps.cli.render import print_outcome
-from sweeps.pretrained import pin_teacher
-from sweeps.spec import SweepSpec, load_spec
+
+if TYPE_CHECKING:  # the spec's schema imports torch: commands import it when they run
+    from sweeps.spec import SweepSpec
+
+SpecSets = Annotated[list[str] | None, typer.Option(
+    "--set", metavar="PATH=VALUE",
+    help="Change one spec value before it is validated, e.g. --set sweep.num_trials=4 "
+         "--set search.method.T.high=8 (VALUE is YAML; repeatable, a later one wins).")]
 
 
 @app.command()
@@ -39,9 +44,13 @@ def run(
     tracking_uri: TrackingUri = None,
     storage: Annotated[Path, typer.Option(
         help="Storage root: Tune experiments, stage store, studies, exports.")] = Path("kdsweep_storage"),
+    sets: SpecSets = None,
 ) -> None:
     """Run a sweep and print the best trial beside the CE-only student."""
-    spec = with_overrides(load_spec(spec_path, lambda s: _pin(s, tracking_uri)), name, num_trials, max_concurrent)
+    from sweeps.spec import load_spec
+
+    spec = with_overrides(load_spec(spec_path, lambda s: _pin(s, tracking_uri), sets or ()), name, num_trials,
+                          max_concurrent)
     check_writable(storage, "--storage")
     runner = _runner(address)
     runner.check_before_start(spec, address)  # data, models, resources: before Ray starts, before any write
@@ -72,6 +81,8 @@ def _pin(spec: SweepSpec, tracking_uri: str | None) -> SweepSpec:
     writes nothing before it is valid)."""
     if spec.teacher is None or spec.teacher.model_uri is None:
         return spec
+    from sweeps.pretrained import pin_teacher
+
     return pin_teacher(spec, open_tracker(tracking_uri, reading=True))
 
 
@@ -99,4 +110,6 @@ def _in_ray_session(address: str | None, name: str, drive: Callable[[], Any]) ->
             err.print(f"[bold yellow]sweep {escape(str(error))}:[/] continue it with `kdsweep resume {name}`",
                       highlight=False, soft_wrap=True)
             raise typer.Exit(error.exit_code) from None
+    from sweeps.cli.render import print_outcome
+
     print_outcome(outcome)

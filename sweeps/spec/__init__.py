@@ -10,17 +10,30 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
-from sweeps.spec.checks import check_spec
 from sweeps.spec.coerce import SpecError, clip, dataclass_from_dict, factory_args, format_errors
 from sweeps.spec.reader import read_yaml
-from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSpec
 from sweeps.spec.settings import SweepSettings
 
-Resolver = Callable[[SweepSpec], SweepSpec]
+if TYPE_CHECKING:
+    from sweeps.spec.schema import NAME_PATTERN, ArchSpec, ParamSpec, SweepSpec
+
+Resolver = Callable[["SweepSpec"], "SweepSpec"]
+
+# The schema names kd_core's registries, so importing it imports torch (seconds). It is imported
+# on first use of one of these names: `SpecError` alone (every command's error handling) stays cheap.
+_SCHEMA_NAMES = ("NAME_PATTERN", "ArchSpec", "ParamSpec", "SweepSpec")
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SCHEMA_NAMES:
+        from sweeps.spec import schema
+
+        return getattr(schema, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["NAME_PATTERN", "ArchSpec", "ParamSpec", "SpecError", "SweepSettings", "SweepSpec",
            "dataclass_from_dict", "factory_args", "load_plugins", "load_spec", "parse_spec"]
@@ -44,6 +57,9 @@ def parse_spec(data: Any, source: str = "spec", resolve: Resolver | None = None)
     `resolve` runs between the schema and the cross-field checks, for what needs the outside
     world (a `model_uri` teacher resolved in MLflow: `sweeps.pretrained.pin_teacher`).
     """
+    from sweeps.spec.checks import check_spec
+    from sweeps.spec.schema import SweepSpec
+
     if not isinstance(data, dict):
         raise SpecError(f"{source}: a sweep spec must be a YAML mapping")
     try:
@@ -69,10 +85,17 @@ def _bounded(problems: str, lines: int = 10) -> str:
     return "\n  ".join([clip(line, 500) for line in found[:lines]] + more)
 
 
-def load_spec(path: str | Path, resolve: Resolver | None = None) -> SweepSpec:
+def load_spec(path: str | Path, resolve: Resolver | None = None, overrides: Iterable[str] = ()) -> SweepSpec:
     """`parse_spec` of a YAML file; raises SpecError for a missing, unreadable or non-UTF-8 file,
-    invalid YAML, a duplicate key or an alias bomb (`reader.read_yaml`)."""
+    invalid YAML, a duplicate key or an alias bomb (`reader.read_yaml`). `overrides` are
+    `--set PATH=VALUE` items, applied before validation (`sweeps.spec.overrides`)."""
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
-    return parse_spec(read_yaml(path), str(path), resolve)
+    data, overrides = read_yaml(path), list(overrides)
+    if overrides:
+        from sweeps.spec.overrides import apply_overrides
+
+        data = apply_overrides(data, overrides, str(path))
+    source = f"{path} (with {len(overrides)} --set)" if overrides else str(path)
+    return parse_spec(data, source, resolve)

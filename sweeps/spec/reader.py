@@ -99,6 +99,16 @@ def read_yaml(path: Path) -> Any:
         line = raw[: error.start].count(b"\n") + 1
         raise SpecError(f"{path}: not UTF-8 text (byte 0x{raw[error.start]:02x} at line {line}); "
                         "save the spec as UTF-8") from None
+    try:
+        return parse_yaml_text(text)
+    except SpecError as error:
+        raise SpecError(f"{path}: {error}") from None
+
+
+def parse_yaml_text(text: str) -> Any:
+    """`text` parsed as spec files are (YAML 1.2 numbers, no duplicate keys, bounded aliases);
+    None for an empty document. Raises SpecError for invalid YAML, a duplicate key, an alias
+    bomb or nesting too deep."""
     loader = _SpecLoader(text)
     try:
         node = loader.get_single_node()
@@ -106,11 +116,9 @@ def read_yaml(path: Path) -> Any:
             return None
         _expanded_size(node, {}, set())
         return loader.construct_document(node)
-    except SpecError as error:
-        raise SpecError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
-        raise SpecError(f"{path}: not valid YAML: {_yaml_problem(error)}") from None
+        raise SpecError(f"not valid YAML: {_yaml_problem(error)}") from None
     except RecursionError:
-        raise SpecError(f"{path}: YAML nested too deeply") from None
+        raise SpecError("YAML nested too deeply") from None
     finally:
         loader.dispose()

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, field_validator, model_validator
+from pydantic import BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from sweeps.spec.coerce import Strict
 
@@ -16,6 +16,8 @@ MAX_CPUS_PER_TRIAL = 1_024
 MAX_GPUS_PER_TRIAL = 64
 MAX_EPOCH_COUNT = 100_000  # grace_period (epochs)
 MAX_RETRIES = 1_000  # max_failures, confirmation top_k and seeds, startup trials, bank views
+MAX_TIME_BUDGET_S = 366 * 86_400  # sweep.time_budget: a year; more is a typo
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}  # "90s", "30m", "2h", "1d"
 
 
 def count(low: int, high: int) -> Any:
@@ -62,6 +64,42 @@ class TeacherCacheSpec(Strict):
     seed: int = 0  # draws the bank's views (views: K only)
 
 
+class LatencySpec(Strict):
+    """How `cost_latency` (ms, the median of `repeats` timed forward passes after `warmup` untimed
+    ones, on a batch of `batch_size` images) is measured: the same way for every trial, on the
+    trial's device with its torch threads (one per CPU of `cpus_per_trial`)."""
+
+    batch_size: count(1, 65_536) = 1
+    warmup: count(0, MAX_RETRIES) = 10
+    repeats: count(1, MAX_RETRIES) = 50
+
+
+def seconds(value: Any) -> Any:
+    """A duration in seconds: a number, or a string like "90s", "30m", "2h", "1.5d"."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        unit = DURATION_UNITS.get(text[-1:]) if text else None
+        try:
+            return float(text[:-1] if unit else text) * (unit or 1)
+        except ValueError:
+            raise ValueError(f"{value!r} is not a duration: give seconds or a number with s, m, h or d "
+                             "(\"90s\", \"30m\", \"2h\")") from None
+    return value
+
+
+class WarmStartSpec(Strict):
+    """Start from an earlier sweep in the same tracking store (`{from: NAME, top_k: K}`): with the
+    same search space its finished trials join the study (TPE starts informed); otherwise its
+    top K configurations, restricted to this space, are tried first."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    from_: str = Field(alias="from", min_length=1, max_length=100)
+    top_k: count(1, MAX_RETRIES) = 5
+
+
 class SweepSettings(Strict):
     num_trials: count(1, MAX_TRIALS) = 16
     max_concurrent: count(1, MAX_CONCURRENT) = 2
@@ -76,11 +114,17 @@ class SweepSettings(Strict):
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
-    #: `[accuracy]`, or `[accuracy, params | flops]` for a multi-objective search that also
-    #: minimises the deployed student's cost (reported as a Pareto front).
-    objectives: list[Literal["accuracy", "params", "flops"]] = Field(default_factory=lambda: ["accuracy"])
+    #: `[accuracy]`, or `[accuracy, params | flops | latency]` for a multi-objective search that
+    #: also minimises the deployed student's cost (reported as a Pareto front); latency in ms.
+    objectives: list[Literal["accuracy", "params", "flops", "latency"]] = Field(default_factory=lambda: ["accuracy"])
+    latency: LatencySpec = Field(default_factory=LatencySpec)  # how every trial's latency is measured
     #: Configurations tried first (partial ones allowed: the sampler fills in the rest).
     initial_points: list[dict[str, Any]] = Field(default_factory=list)
+    #: Seconds of running time (or "30m", "2h") after which no new trial starts: running trials
+    #: finish, then the sweep ends as usual. Counted across resumes (time stopped does not count).
+    time_budget: Annotated[float, BeforeValidator(seconds), Field(gt=0, le=MAX_TIME_BUDGET_S)] | None = None
+    #: Start from an earlier sweep's trials: `{from: NAME, top_k: K}` (sweeps.warm_start).
+    warm_start: WarmStartSpec | None = None
 
     @property
     def device(self) -> str:
@@ -103,7 +147,7 @@ class SweepSettings(Strict):
     def _objectives(self) -> SweepSettings:
         if not self.objectives or self.objectives[0] != "accuracy" or len(self.objectives) > 2 \
                 or "accuracy" in self.objectives[1:]:
-            raise ValueError("objectives: [accuracy] or [accuracy, params | flops]")
+            raise ValueError("objectives: [accuracy] or [accuracy, params | flops | latency]")
         if self.cost and self.scheduler.type == "asha":
             raise ValueError("a multi-objective sweep cannot use ASHA (it stops trials on one metric): "
                              "set scheduler: {type: none}")
