@@ -30,12 +30,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
+from kd_core.distillers.base import START, MethodParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.fitnets import features_and_logits, pool_to_smaller
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
-from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 PAIRINGS = ("index", "resolution")
 
@@ -92,16 +90,8 @@ def stage_pairs(
 
 
 @DISTILLERS.register("at")
-class ATDistiller(Distiller):
+class ATDistiller(TeacherDistiller):
     Params = ATParams
-
-    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: ATParams) -> None:
-        super().__init__(student, sources, params)
-        self.expect_sources(1)
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START

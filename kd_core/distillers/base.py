@@ -318,5 +318,19 @@ class Distiller(nn.Module):
         return self.student
 
 
+class TeacherDistiller(Distiller):
+    """A method that learns from one frozen teacher, the spec's `teacher` stage: checks it gets
+    exactly one source (ContractError otherwise) and asks the plan for the teacher (ValueError
+    when the spec has none)."""
+
+    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: MethodParams) -> None:
+        super().__init__(student, sources, params)
+        self.expect_sources(1)
+
+    @classmethod
+    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
+        return [plan.require_teacher()]
+
+
 def _quoted(names: Iterable[str]) -> str:
     return ", ".join(repr(name) for name in names)

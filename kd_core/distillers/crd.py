@@ -44,11 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
+from kd_core.distillers.base import START, MethodParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 EPS = 1e-7  # the official ContrastLoss's guard against a zero denominator
 
@@ -155,13 +154,12 @@ def momentum_update(
 
 
 @DISTILLERS.register("crd")
-class CRDDistiller(Distiller):
+class CRDDistiller(TeacherDistiller):
     Params = CRDParams
     needs_sample_index = True
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: CRDParams) -> None:
         super().__init__(student, sources, params)
-        self.expect_sources(1)
         self.embed_s = Embed(prehead_channels(student), params.feat_dim)
         self.embed_t = Embed(prehead_channels(self.sources[0]), params.feat_dim)
         # Sized by bind_training_set; empty until then, so a state dict cannot load into an
@@ -172,10 +170,6 @@ class CRDDistiller(Distiller):
         self.register_buffer("train_labels", torch.empty(0, dtype=torch.long), persistent=False)
         self.num_negatives = 0  # min(nce_k, the smallest other-class pool), set by bind_training_set
         self._generator: torch.Generator | None = None
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.embed_s, self.embed_t]

@@ -28,16 +28,13 @@ summed probabilities, so it stays finite when p_gt rounds to 1. Only `kl_reducti
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 
-from kd_core.distillers.base import START, Distiller, MethodParams, SoftTargetParams, TrainingPosition
+from kd_core.distillers.base import START, SoftTargetParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, standardize
-from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -110,17 +107,9 @@ def nckd_loss(
 
 
 @DISTILLERS.register("dkd")
-class DKDDistiller(Distiller):
+class DKDDistiller(TeacherDistiller):
     Params = DKDParams
     logit_sources = True
-
-    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: DKDParams) -> None:
-        super().__init__(student, sources, params)
-        self.expect_sources(1)
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START

@@ -30,11 +30,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
+from kd_core.distillers.base import START, MethodParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -96,20 +95,15 @@ def regressor(student_channels: int, teacher_channels: int) -> nn.Sequential:
 
 
 @DISTILLERS.register("fitnets")
-class FitNetsDistiller(Distiller):
+class FitNetsDistiller(TeacherDistiller):
     Params = FitNetsParams
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: FitNetsParams) -> None:
         super().__init__(student, sources, params)
-        self.expect_sources(1)
         self.student_stage = stage_index(student, params.student_stage, "student_stage")
         self.teacher_stage = stage_index(self.sources[0], params.teacher_stage, "teacher_stage")
         self.regressor = regressor(student.stage_channels[self.student_stage],
                                    self.sources[0].stage_channels[self.teacher_stage])
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.regressor]

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
 
 import torch
 
-from kd_core.distillers.base import START, Distiller, MethodParams, SoftTargetParams, TrainingPosition
+from kd_core.distillers.base import START, SoftTargetParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
-from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -21,17 +18,9 @@ class KDParams(SoftTargetParams):
 
 
 @DISTILLERS.register("kd")
-class KDDistiller(Distiller):
+class KDDistiller(TeacherDistiller):
     Params = KDParams
     logit_sources = True
-
-    def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: KDParams) -> None:
-        super().__init__(student, sources, params)
-        self.expect_sources(1)
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def forward_train(
         self, images: torch.Tensor, labels: torch.Tensor, position: TrainingPosition = START

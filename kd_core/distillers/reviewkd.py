@@ -39,12 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
+from kd_core.distillers.base import START, MethodParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.crd import prehead_channels
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 HCL_LEVELS = (4, 2, 1)  # pyramid pooling sizes; weights halve from 1 at each level used
 
@@ -128,12 +127,11 @@ def review_features(
 
 
 @DISTILLERS.register("reviewkd")
-class ReviewKDDistiller(Distiller):
+class ReviewKDDistiller(TeacherDistiller):
     Params = ReviewKDParams
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: ReviewKDParams) -> None:
         super().__init__(student, sources, params)
-        self.expect_sources(1)
         teacher = self.sources[0]
         shared = min(len(student.stage_channels), len(teacher.stage_channels))
         if params.num_stages > shared:
@@ -147,10 +145,6 @@ class ReviewKDDistiller(Distiller):
             ABF(cin, mid, cout, fuse=i < self.num_stages)
             for i, (cin, cout) in enumerate(zip(student_channels, teacher_channels, strict=True))
         )
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.abfs]

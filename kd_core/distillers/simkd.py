@@ -26,11 +26,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kd_core.distillers.base import START, Distiller, MethodParams, TrainingPosition
+from kd_core.distillers.base import START, MethodParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy
 from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -143,12 +142,11 @@ class SimKDStudent(nn.Module):
 
 
 @DISTILLERS.register("simkd")
-class SimKDDistiller(Distiller):
+class SimKDDistiller(TeacherDistiller):
     Params = SimKDParams
 
     def __init__(self, student: StagedModel, sources: Sequence[StagedModel], params: SimKDParams) -> None:
         super().__init__(student, sources, params)
-        self.expect_sources(1)
         teacher = self.sources[0]
         # f is read after a neck that keeps the channels (what the classifier reads) and before
         # one that changes them (the official code's feat[-2]).
@@ -157,10 +155,6 @@ class SimKDDistiller(Distiller):
         self.projector = projector(student.stage_channels[-1], teacher.stage_channels[-1], params.r)
         teacher_neck = nn.Identity() if self.teacher_neck_in_f else teacher.neck
         self.deploy = SimKDStudent(Encoder(student, self.student_neck_in_f), self.projector, teacher_neck, teacher.head)
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.deploy.encoder, self.projector]  # the student's own head stays unused

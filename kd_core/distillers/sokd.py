@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kd_core.distillers.base import START, Distiller, MethodParams, SoftTargetParams, TrainingPosition
+from kd_core.distillers.base import START, SoftTargetParams, TeacherDistiller, TrainingPosition
 from kd_core.distillers.registry import DISTILLERS
 from kd_core.losses import cross_entropy, kd_loss
 from kd_core.models.base import StagedModel
-from kd_core.stages import SourcePlan, StageSpec
 
 
 @dataclasses.dataclass
@@ -66,7 +65,7 @@ class Bridge(nn.Module):
 
 
 @DISTILLERS.register("sokd")
-class SOKDDistiller(Distiller):
+class SOKDDistiller(TeacherDistiller):
     Params = SOKDParams
     frozen_sources = False  # the bridge changes, and teacher BN buffers may too
 
@@ -75,16 +74,11 @@ class SOKDDistiller(Distiller):
             # Its BN buffers will change: work on a private copy, never a shared cached teacher.
             sources = [copy.deepcopy(sources[0]), *sources[1:]]
         super().__init__(student, sources, params)
-        self.expect_sources(1)
         teacher = self.sources[0]
         self.attach = params.attach_stage % len(teacher.stages)
         if self.attach == 0:
             raise ValueError("attach_stage must leave at least one teacher stage before the bridge")
         self.bridge = Bridge(teacher, self.attach, reinitialise=params.bridge_init == "random")
-
-    @classmethod
-    def source_stages(cls, params: MethodParams, plan: SourcePlan) -> list[StageSpec]:
-        return [plan.require_teacher()]
 
     def trainable_modules(self) -> list[nn.Module]:
         return [self.student, self.bridge]
