@@ -1,5 +1,5 @@
 """What the sweep machinery costs: the wall time of a sweep's trials against the same trials'
-`fit` runs done directly, at equal concurrency.
+`fit` runs done directly, at equal concurrency, and where the difference goes.
 
 A warm-up sweep first trains the teacher into the stage store (and fills the teacher-output
 cache), as the first trials of any sweep do. Then the measured sweep runs `--trials` trials,
@@ -7,10 +7,12 @@ cache), as the first trials of any sweep do. Then the measured sweep runs `--tri
 every epoch. Its trial phase (Tune's fit: actors, Optuna, MLflow runs and per-epoch logging,
 per-epoch checkpoints) is timed. The same sampled configurations are then trained directly
 with `fit` (same sources, cache and options) in a pool of `--concurrent` already-started
-processes. Prints both wall times and their ratio; the whole sweep (Ray start, CE baseline,
-export, plots) is printed too.
+processes. Prints both wall times and their ratio, then the breakdown: each trial's phase
+times as the trial recorded them (its MLflow run's `time_*` metrics: sweeps/timings.py), the
+driver's CPU time during Tune's fit, and the CPU time of Ray's own processes.
 
-    .venv/bin/python benchmarks/sweep_overhead.py
+    .venv/bin/python benchmarks/sweep_overhead.py                        # digits, 12 x 60 epochs
+    .venv/bin/python benchmarks/sweep_overhead.py --dataset fashion_mnist  # 55,000-image epochs
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import multiprocessing
+import os
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import ray
 from common import environment, write_json
 
@@ -72,23 +76,91 @@ def warm_up() -> None:
     time.sleep(1)  # hold this process so that the next warm-up task reaches another one
 
 
+def ray_daemons_cpu() -> dict[str, float]:
+    """CPU seconds so far of Ray's own processes (GCS, raylet, agents, log monitor: this process's
+    descendants that are not Ray workers), by process name."""
+    seconds: dict[str, float] = {}
+    for process in psutil.Process().children(recursive=True):
+        try:
+            command, name, cpu = process.cmdline(), process.name(), process.cpu_times()
+        except psutil.Error:
+            continue
+        if name.startswith("ray::") or any(part.endswith("default_worker.py") for part in command):
+            continue
+        label = next((Path(part).name for part in command if part.endswith(".py")), name)
+        seconds[label] = seconds.get(label, 0.0) + cpu.user + cpu.system
+    return seconds
+
+
+def trial_breakdown(uri: str, parent_run_id: str) -> dict[str, float]:
+    """Per-trial means of the phase times the trials recorded (`time_*`) and of their training
+    time (the sum of `epoch_time`, which `fit` measures)."""
+    from sweeps.tracking import Tracker
+
+    tracker = Tracker(uri)
+    runs = tracker.children(parent_run_id, "trial")
+    totals: dict[str, float] = {}
+    for run in runs:
+        for key, value in run.data.metrics.items():
+            if key.startswith("time_"):
+                totals[key] = totals.get(key, 0.0) + value
+        epochs = tracker.client.get_metric_history(run.info.run_id, "epoch_time")
+        totals["epoch_time_sum"] = totals.get("epoch_time_sum", 0.0) + sum(m.value for m in epochs)
+    return {key: value / len(runs) for key, value in sorted(totals.items())}
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # The embedded digits: short epochs (~0.65 s of KD), where per-epoch costs weigh most.
+    "digits": {"data": {"name": "digits", "seed": 0}, "trials": 12, "epochs": 60,
+               "teacher": {"width": 32, "depth": 2}, "teacher_epochs": 10, "student": {"width": 16, "depth": 2}},
+    # Fashion-MNIST's 55,000 training images per epoch (Debian's dataset-fashion-mnist), with the
+    # models of sweeps/specs/fashion_mnist_kd.yaml.
+    "fashion_mnist": {"data": {"name": "fashion_mnist", "seed": 0, "augment": "none"}, "trials": 6, "epochs": 4,
+                      "teacher": {"width": 16, "depth": 1}, "teacher_epochs": 1, "student": {"width": 4, "depth": 1}},
+}
+
+PHASES = {  # time_* metric: what it is (sweeps/trainable.py, sweeps/reporting.py)
+    "time_setup": "trial start: plugins, threads, plan",
+    "time_mlflow_open": "trial start: open its MLflow run",
+    "time_data": "trial start: dataset (once per actor)",
+    "time_sources": "trial start: teacher, cache, distiller",
+    "time_costs": "trial start: params, FLOPs, latency",
+    "time_snapshot": "per epoch: copy the state to checkpoint",
+    "time_report_wait": "per epoch: training waits for the report",
+    "time_mlflow_log": "reporting thread: MLflow epoch writes",
+    "time_checkpoint": "reporting thread: checkpoint file",
+    "time_tune_report": "reporting thread: tune.report round trip",
+    "time_report_cpu": "reporting thread: its CPU time (all of it)",
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--dataset", choices=sorted(PRESETS), default="digits")
+    parser.add_argument("--trials", type=int, help="default: the dataset's preset (digits 12, fashion_mnist 6)")
     parser.add_argument("--concurrent", type=int, default=2)
-    parser.add_argument("--epochs", type=int, default=60)
+    parser.add_argument("--epochs", type=int, help="default: the dataset's preset (digits 60, fashion_mnist 4)")
     parser.add_argument("--json")
     args = parser.parse_args()
+    preset = PRESETS[args.dataset]
+    args.trials, args.epochs = args.trials or preset["trials"], args.epochs or preset["epochs"]
+    SPEC["data"] = preset["data"]
+    SPEC["teacher"]["arch"]["args"], SPEC["student"]["arch"]["args"] = preset["teacher"], preset["student"]
+    SPEC["teacher"]["recipe"]["epochs"] = preset["teacher_epochs"]
     SPEC["recipe"]["epochs"] = args.epochs
     SPEC["sweep"].update(num_trials=args.trials, max_concurrent=args.concurrent)
     spec = SweepSpec.model_validate(SPEC)
     with tempfile.TemporaryDirectory() as work:
         uri, storage = f"sqlite:///{work}/mlflow.db", Path(work) / "storage"
         init_ray(None, num_cpus=args.concurrent, env_vars=WORKER_ENV)
-        warm = spec.model_copy(update={"sweep": spec.sweep.model_copy(update={"num_trials": 1})})
+        warm = SweepSpec.model_validate({**SPEC, "recipe": {"name": "digits", "epochs": 1},
+                                         "sweep": {**SPEC["sweep"], "num_trials": 1}})  # teacher and cache only
         run_sweep(warm, name="warm-up", storage=storage, tracking_uri=uri)
+        daemons_before = ray_daemons_cpu()
         outcome = run_sweep(spec, name="measured", storage=storage, tracking_uri=uri)
+        daemons = {k: v - daemons_before.get(k, 0.0) for k, v in ray_daemons_cpu().items()}
         ray.shutdown()
+        breakdown = trial_breakdown(uri, outcome.parent_run_id)
         sampled = [t.sampled for t in outcome.trials]
         context = multiprocessing.get_context("spawn")
         with concurrent.futures.ProcessPoolExecutor(args.concurrent, mp_context=context) as pool:
@@ -99,17 +171,35 @@ def main() -> None:
             fit_seconds = [f.result() for f in futures]
             direct_wall = time.perf_counter() - started
     ratio = outcome.tune_seconds / direct_wall
+    student = preset["student"]
     print(f"{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, 1 CPU each "
-          f"(KD, convnet 16x2 student on digits)")
+          f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), {os.cpu_count()} CPUs")
     print(f"sum of the trials' direct fit times:     {sum(fit_seconds):8.1f} s")
     print(f"direct fits, {args.concurrent} processes (wall):       {direct_wall:8.1f} s")
     print(f"sweep trial phase (Tune fit, wall):      {outcome.tune_seconds:8.1f} s")
     print(f"whole sweep (baseline, export, plots):   {outcome.seconds:8.1f} s")
-    print(f"sweep trial phase / direct fits: {ratio:.3f}  (target <= 1.15)")
-    write_json("sweep_overhead", {
+    print("\nwhere a trial's time goes (mean per trial, recorded by the trial):")
+    print(f"  {'training (sum of epoch_time)':45s} {breakdown.get('epoch_time_sum', 0.0):8.2f} s")
+    for key, what in PHASES.items():
+        print(f"  {what:45s} {breakdown.get(key, 0.0):8.3f} s")
+    print("beside the trials, during the trial phase (CPU time; the trials have "
+          f"{args.concurrent} CPUs of {os.cpu_count()}):")
+    parts = outcome.tune_driver_cpu_parts
+    print(f"  {'sweep driver, all of it':53s} {outcome.tune_driver_cpu_seconds:7.1f} s")
+    for name, seconds in sorted(parts.items(), key=lambda item: -item[1]):
+        print(f"  {'  driver: ' + name.replace('_', ' '):53s} {seconds:7.1f} s")
+    rest = outcome.tune_driver_cpu_seconds - sum(parts.values())
+    print(f"  {'  driver: Tune loop, loggers, snapshots (the rest)':53s} {rest:7.1f} s")
+    for name, seconds in sorted(daemons.items(), key=lambda item: -item[1]):
+        if seconds >= 0.05:
+            print(f"  {'Ray: ' + name:53s} {seconds:7.1f} s")
+    print(f"\nsweep trial phase / direct fits: {ratio:.3f}  (target <= 1.10; <= 1.05 with Fashion-MNIST epochs)")
+    write_json(f"sweep_overhead_{args.dataset}", {
         "config": vars(args), "environment": environment(), "fit_seconds": fit_seconds, "direct_wall": direct_wall,
         "sweep_tune_seconds": outcome.tune_seconds, "sweep_seconds": outcome.seconds,
-        "ratio_sweep_over_direct": ratio,
+        "driver_cpu_seconds": outcome.tune_driver_cpu_seconds, "driver_cpu_parts": outcome.tune_driver_cpu_parts,
+        "ray_daemons_cpu_seconds": daemons,
+        "trial_breakdown_mean_s": breakdown, "ratio_sweep_over_direct": ratio,
     }, args.json)
 
 

@@ -27,6 +27,10 @@ from cluster.state import DEFAULT_DIR, find_local
 TOKEN_VARIABLES = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 CLUSTER_SWITCH = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # read by Ray at import; "0": single-node only
 DRIVER_LOG = "kdsweep_driver.log"  # Ray's and Tune's messages to this process, in the Ray session's logs folder
+# A local Ray's daemons share the sweep's CPUs: no metrics nobody reads (a local Ray has no
+# dashboard), no usage reports, and the log monitor looks for new log files every 0.5 s, not 0.1 s.
+LOCAL_RAY_ENV = {"RAY_enable_metrics_collection": "0", "RAY_USAGE_STATS_ENABLED": "0",
+                 "RAY_LOG_MONITOR_MANY_FILES_THRESHOLD": "0"}
 
 
 class DriverLog(logging.FileHandler):
@@ -106,6 +110,8 @@ def _start_local(num_cpus: int | None, runtime_env: dict) -> None:
         os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
     if "RAY_AUTH_MODE" not in os.environ:
         _enable_token_auth()  # what Ray does by default, but on purpose: without its console warning
+    for name, value in LOCAL_RAY_ENV.items():  # Ray's processes inherit this process's environment
+        os.environ.setdefault(name, value)
     # Ray's processes read the switch from their environment; this process read it at import.
     saved = os.environ.get(CLUSTER_SWITCH), ray_constants.ENABLE_RAY_CLUSTER
     os.environ[CLUSTER_SWITCH], ray_constants.ENABLE_RAY_CLUSTER = "0", False

@@ -154,18 +154,24 @@ def compute_logits(
 ) -> torch.Tensor:
     """(N, C) logits of `model` in eval mode on every image of `split`, image i in view
     `views[i]` ((N, P); None: the only view), on the CPU in `dtype`; `batch_size` None:
-    `fill_batch_size` of the split's device."""
+    `fill_batch_size` of the split's device. Logits that are finite but beyond float16's range
+    (a diverged teacher's can be) are kept in float32: float16 would make them infinite, and the
+    method would then train on NaN where the teacher itself gives finite logits."""
     was_training = model.training
     model.eval()
     device = split.labels.device
     batch_size = batch_size or fill_batch_size(device)
-    chunks = []
+    chunks, largest = [], 0.0
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
         images = _view_images(split, index.to(device), None if views is None else views[index])
-        chunks.append(model(images).to(getattr(torch, dtype)).cpu())
+        logits = model(images).float()
+        finite = logits[logits.isfinite()]
+        largest = max(largest, finite.abs().max().item() if finite.numel() else 0.0)
+        chunks.append(logits.cpu())
     model.train(was_training)
-    return torch.cat(chunks)
+    stored = getattr(torch, dtype)
+    return torch.cat(chunks).to(torch.float32 if largest > torch.finfo(stored).max else stored)
 
 
 def _load(path: Path) -> dict[str, torch.Tensor] | None:

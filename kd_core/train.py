@@ -45,6 +45,22 @@ class EpochReport:
         torch.save(self._state(), path)
         return path
 
+    def frozen(self) -> EpochReport:
+        """This report with a copy of the state as it is now (tensors cloned to the CPU), to be
+        saved later, e.g. on another thread, while training goes on."""
+        state = _copied(self._state())
+        return EpochReport(self.epoch, dict(self.metrics), self.is_last, lambda: state)
+
+
+def _copied(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_copied(v) for v in value)
+    return copy.deepcopy(value)
+
 
 @dataclass
 class FitResult:

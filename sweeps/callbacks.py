@@ -1,4 +1,4 @@
-"""Tune callbacks on the driver: live progress, and terminal statuses for trial runs."""
+"""Tune callbacks on the driver: live progress, terminal statuses for trial runs, `kdsweep cancel`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from rich.live import Live
 from rich.text import Text
 
 from sweeps import tags
+from sweeps.interrupts import poll_cancel
+from sweeps.timings import driver_part
 from sweeps.tracking import Tracker, end_status
 
 TRIAL_ERRORED = "trial raised an error (see the Tune trial's error file)"
@@ -47,9 +49,11 @@ class CloseTrialRuns(Callback):
         if run is not None:
             tracker.finish_if_running(run.info.run_id, status, reason)
 
+    @driver_part("mlflow")
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._close(trial, errored=False)
 
+    @driver_part("mlflow")
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._close(trial, errored=True)
 
@@ -113,10 +117,12 @@ class LiveProgress(Callback):
             f"{self.metric} {shown}, {time.monotonic() - self.started:.0f}s", markup=False, highlight=False,
             soft_wrap=True)
 
+    @driver_part("progress")
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.add(trial.trial_id)
         self._refresh()
 
+    @driver_part("progress")
     def on_trial_result(
         self, iteration: int, trials: list[Trial], trial: Trial, result: dict, **info: Any
     ) -> None:
@@ -125,6 +131,7 @@ class LiveProgress(Callback):
             self.best, self.best_trial = value, trial.trial_id
         self._refresh()
 
+    @driver_part("progress")
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.discard(trial.trial_id)
         status, _ = trial_outcome(trial, self.epochs, errored=False)
@@ -132,6 +139,7 @@ class LiveProgress(Callback):
         self.counts["done" if finished else "stopped"] += 1
         self._ended(trials, trial, "finished" if finished else "stopped early")
 
+    @driver_part("progress")
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self.running.discard(trial.trial_id)
         self.counts["failed"] += 1
@@ -141,3 +149,11 @@ class LiveProgress(Callback):
         self._refresh()
         if self.live is not None:
             self.live.stop()
+
+
+class CancelWatch(Callback):
+    """Tune's loop looks for a `kdsweep cancel` request (`interrupts.poll_cancel`). Stateless, and
+    after the stateful callbacks (Tune restores their states by position)."""
+
+    def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
+        poll_cancel()

@@ -5,7 +5,7 @@ metrics, tags and plots.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,8 @@ class SweepOutcome:
     pareto: list[dict[str, Any]]  # multi-objective sweeps: the Pareto front, cheapest first
     seconds: float  # the whole sweep
     tune_seconds: float = 0.0  # the trials alone (Tune's fit)
+    tune_driver_cpu_seconds: float = 0.0  # CPU time of this process (all its threads) during Tune's fit
+    tune_driver_cpu_parts: dict[str, float] = field(default_factory=dict)  # of it, in our code (timings)
 
 
 def study_storage(context: SweepContext) -> str:

@@ -9,7 +9,7 @@ stop (SIGUSR1: a last experiment snapshot, trials stopped) and `fit` is followed
 
 `kdsweep cancel` (another process, maybe on another host) takes the same path: it writes a
 cancel request into the experiment directory; the driver looks for it every second of Tune's
-loop (`sweeps.runner.CancelWatch`) and once more when `fit` returns, and stops as on a first
+loop (`sweeps.callbacks.CancelWatch`) and once more when `fit` returns, and stops as on a first
 SIGTERM. Once the trials have ended (baseline, confirmation, export) a request is too late: the
 sweep finishes, so an export is never cut in half. A request file rather than a signal: it needs
 no process id (which a dead driver's successor may reuse), it reaches a driver on any node that
@@ -184,7 +184,7 @@ class StopOnSignals:
 
 
 def poll_cancel() -> None:
-    """Called at every step of Tune's loop (`sweeps.runner.CancelWatch`): the active
+    """Called at every step of Tune's loop (`sweeps.callbacks.CancelWatch`): the active
     `StopOnSignals` of this process looks for a cancel request. Through the class, not a reference
     held by the callback: Tune copies and pickles its callbacks."""
     if StopOnSignals.active is not None:

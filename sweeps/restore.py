@@ -21,6 +21,7 @@ import os
 import pickle
 import shutil
 import stat
+import time
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from sweeps.spec import SpecError
+from sweeps.timings import driver_part
 
 SNAPSHOT_GLOB = "experiment_state-*.json"  # Tune's snapshot; restore reads the newest name
 #: What `Tuner.restore` unpickles from an experiment directory (every file of these patterns).
@@ -104,14 +106,23 @@ def prune_checkpoints(experiment_dir: Path) -> None:
 
 
 class KeepRestorableCheckpoints(Callback):
-    """Prunes old checkpoints (Tune keeps all: `num_to_keep=None`) whenever a new snapshot is on storage."""
+    """Prunes old checkpoints (Tune keeps all: `num_to_keep=None`) whenever a new snapshot is on storage.
+
+    Looks every `EVERY_S` seconds, not at every step of Tune's loop (about 25 a second): Tune
+    snapshots every 10 s or more, and `prune_checkpoints` runs once more when the trials end."""
+
+    EVERY_S = 2.0
 
     def __init__(self) -> None:
         self.seen: tuple[str, int] | None = None
+        self.looked = 0.0  # time.monotonic() of the last look
 
+    @driver_part("checkpoint_pruning")
     def on_step_end(self, iteration: int, trials: list[Trial], **info: Any) -> None:
-        if not trials:
+        now = time.monotonic()
+        if not trials or now - self.looked < self.EVERY_S:
             return
+        self.looked = now
         experiment_dir = Path(trials[0].path).parent  # where the sweep is now (Tune re-bases it on restore)
         snapshots = sorted(experiment_dir.glob(SNAPSHOT_GLOB))
         if not snapshots:
@@ -133,6 +144,7 @@ class SchedulerState(Callback):
     def __init__(self, scheduler: TrialScheduler) -> None:
         self.scheduler = scheduler
 
+    @driver_part("snapshot_of_scheduler_and_study")
     def get_state(self) -> dict[str, Any] | None:
         state = dict(vars(self.scheduler))
         return {"scheduler": state} if state else None
@@ -191,6 +203,7 @@ class StudySearch(Searcher):
         vars(self).update(state, search=search_type.__new__(search_type))
         vars(self.search).update(search_state)  # unbound until `reopen`
 
+    @driver_part("snapshot_of_scheduler_and_study")
     def save(self, checkpoint_path: str) -> None:
         with open(checkpoint_path, "wb") as file:
             pickle.dump(self._state(self.search), file)
@@ -205,14 +218,17 @@ class StudySearch(Searcher):
         self._metric, self._mode = self.search.metric, self.search.mode
         return True
 
+    @driver_part("optuna")
     def suggest(self, trial_id: str) -> dict | None:
         return self.search.suggest(trial_id)
 
+    @driver_part("optuna")
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         try:
             self.search.on_trial_result(trial_id, result)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # told before a crash that the restored snapshot had not seen
 
+    @driver_part("optuna")
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         self.search.on_trial_complete(trial_id, result, error)

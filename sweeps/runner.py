@@ -20,9 +20,9 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from rich.console import Console
 
 from sweeps import interrupts, tags
-from sweeps.callbacks import CloseTrialRuns, LiveProgress
+from sweeps.callbacks import CancelWatch, CloseTrialRuns, LiveProgress
 from sweeps.finish import SweepOutcome, finish_sweep, study_storage
-from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption, poll_cancel, record_driver
+from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption, record_driver
 from sweeps.pipeline import SweepContext, trial_resources
 from sweeps.preflight import check_before_start, check_cluster_resources, check_experiment
 from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, StudySearch, prune_checkpoints
@@ -30,6 +30,7 @@ from sweeps.results import METRIC, SweepFailedError, TrialSummary, summarize
 from sweeps.search import SweepSearch, check_search_state
 from sweeps.space import SearchSpace
 from sweeps.spec import SpecError, SweepSpec, load_spec
+from sweeps.timings import DRIVER_CPU
 from sweeps.tracking import Tracker
 from sweeps.trainable import train_trial
 from sweeps.warm_start import WarmStart, objectives, resolve_warm_start, start_from
@@ -40,10 +41,13 @@ __all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "che
 SPEC_FILE = "spec.yaml"  # the validated spec, in the sweep's storage directory: what `resume` restarts from
 
 # Tune's own console output is replaced by LiveProgress; its warning about frequent experiment
-# snapshots is not for us (they follow per-epoch checkpoints by design).
+# snapshots is not for us (they follow per-epoch checkpoints by design). Tune's automatic result
+# loggers are off: `_callbacks` adds its CSV and JSON ones (Tune's own record of every result),
+# not TensorBoard's event files, which cost the driver a sixth of its time and MLflow replaces.
 QUIET_TUNE = {
     "RAY_AIR_NEW_OUTPUT": "0",
     "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
 }
 WORKER_ENV = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}  # for `ray_session(env_vars=...)`
 
@@ -219,18 +223,13 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
 def _callbacks(context: SweepContext, tracker: Tracker, console: Console,
                scheduler: tune.schedulers.TrialScheduler) -> list[tune.Callback]:
     """The driver's Tune callbacks. Their order is fixed: Tune restores callback states by position."""
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     spec, epochs = context.spec, context.spec.recipe.build().epochs
     return [SchedulerState(scheduler), KeepRestorableCheckpoints(),
             CloseTrialRuns(tracker.uri, context.parent_run_id, epochs),
-            LiveProgress(spec.sweep.num_trials, epochs, METRIC, console), CancelWatch()]
-
-
-class CancelWatch(tune.Callback):
-    """Tune's loop looks for a `kdsweep cancel` request (`interrupts.poll_cancel`). Stateless, and
-    last among the callbacks (Tune restores their states by position)."""
-
-    def on_step_begin(self, iteration: int, trials: list[Any], **info: Any) -> None:
-        poll_cancel()
+            LiveProgress(spec.sweep.num_trials, epochs, METRIC, console), CancelWatch(),
+            CSVLoggerCallback(), JsonLoggerCallback()]  # stateless: after the others (QUIET_TUNE)
 
 
 def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: bool) -> SweepOutcome:
@@ -245,9 +244,10 @@ def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: b
                           f"{spec.sweep.max_concurrent} at a time, tracking {tracker.uri}"
                           + (" (resumed)" if restore else ""))
             tuner = _tuner(context, tracker, console, restore)
-            tune_started = time.monotonic()
+            tune_started, driver_cpu, parts = time.monotonic(), time.process_time(), dict(DRIVER_CPU.seconds)
             results = signals.run(tuner.fit)  # raises Interrupted after Tune's orderly stop
-            tune_seconds = time.monotonic() - tune_started
+            tune_seconds, driver_cpu = time.monotonic() - tune_started, time.process_time() - driver_cpu
+            parts = DRIVER_CPU.since(parts)
             prune_checkpoints(experiment_dir)  # fit ends with a snapshot that waited for storage
             trials = summarize(results, spec.recipe.build().epochs)
             _note_budget(tracker, context, len(results), console)
@@ -260,7 +260,8 @@ def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: b
             raise cause from None
         raise
     tracker.finish(parent_run_id, "FINISHED")
-    return dataclasses.replace(outcome, seconds=time.monotonic() - started, tune_seconds=tune_seconds)
+    return dataclasses.replace(outcome, seconds=time.monotonic() - started, tune_seconds=tune_seconds,
+                               tune_driver_cpu_seconds=driver_cpu, tune_driver_cpu_parts=parts)
 
 
 def _note_budget(tracker: Tracker, context: SweepContext, started: int, console: Console) -> None:

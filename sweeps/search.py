@@ -128,7 +128,10 @@ def _problem(path: Path, kind: str) -> str | None:
             for _ in pickletools.genops(data):  # raises where pickle.load would: truncation, garbage
                 pass
         else:
-            db = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+            # Read-only, unless a write was cut short (a killed driver): its hot journal must be
+            # rolled back first, which is SQLite's own crash recovery and needs write access.
+            hot = path.with_name(path.name + "-journal").exists()
+            db = sqlite3.connect(f"file:{path}?mode={'rw' if hot else 'ro'}", uri=True)
             try:
                 (answer,) = db.execute("PRAGMA quick_check").fetchone()
             finally:

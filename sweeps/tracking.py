@@ -52,6 +52,13 @@ def local_artifact_root(uri: str) -> str | None:
     return None
 
 
+def _quoted(value: str) -> str:
+    """`value` for a single-quoted literal of an MLflow search filter (ids and keys: no quotes)."""
+    if "'" in value or "\\" in value:
+        raise ValueError(f"cannot search MLflow runs by a tag value with a quote or backslash: {value!r}")
+    return value
+
+
 class Tracker:
     def __init__(self, uri: str) -> None:
         from mlflow import MlflowClient
@@ -95,13 +102,13 @@ class Tracker:
         )
         return run.info.run_id
 
-    def children(self, parent_run_id: str, role: str | None = None) -> list[Run]:
+    def children(self, parent_run_id: str, role: str | None = None, where: dict[str, str] | None = None) -> list[Run]:
+        """The child runs of a parent, of `role` if given, whose tags equal `where` (in the store's query)."""
         from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
         parent = self.client.get_run(parent_run_id)
-        query = f"tags.`{MLFLOW_PARENT_RUN_ID}` = '{parent_run_id}'"
-        if role:
-            query += f" and tags.`{tags.ROLE}` = '{role}'"
+        wanted = {MLFLOW_PARENT_RUN_ID: parent_run_id, **({tags.ROLE: role} if role else {}), **(where or {})}
+        query = " and ".join(f"tags.`{key}` = '{_quoted(value)}'" for key, value in wanted.items())
         runs: list[Run] = []
         token = None
         while True:
@@ -115,7 +122,7 @@ class Tracker:
 
     def child_by_key(self, parent_run_id: str, role: str, key_tag: str, key: str) -> Run | None:
         """The child run of `role` whose tag `key_tag` is `key`, if any."""
-        found = [r for r in self.children(parent_run_id, role) if r.data.tags.get(key_tag) == key]
+        found = self.children(parent_run_id, role, {key_tag: key})  # one run, however many trials the sweep has
         return found[0] if found else None
 
     def open_child(
@@ -132,6 +139,8 @@ class Tracker:
             self.reopen(run_id)
             if run_tags:
                 self.set_tags(run_id, run_tags)
+            # A process killed between creating the run and logging its params left it without them.
+            self.log_params(run_id, {k: v for k, v in params.items() if k not in existing.data.params})
             return run_id
         parent = self.client.get_run(parent_run_id)
         run = self.client.create_run(
@@ -153,12 +162,14 @@ class Tracker:
         """The last step logged for `key` (0 if none): a resumed run skips what it logged."""
         return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, *, synchronous: bool = True) -> Any:
+        """One batch of metrics at `step`. `synchronous=False` queues it on MLflow's asynchronous
+        logging thread and returns its `RunOperations` (`.wait()` raises what writing it raised)."""
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()]
+        return self.client.log_batch(
+            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=synchronous,
         )
 
     def set_tags(self, run_id: str, run_tags: dict[str, str]) -> None:
@@ -218,16 +229,25 @@ def end_status(epochs_done: int, epochs: int, error: BaseException | str | None 
 
 class TrackedRun:
     """A child run while it is open: epochs are logged once each, even when a retried or
-    resumed run trains some of them again."""
+    resumed run trains some of them again. Epochs are written by MLflow's asynchronous logging
+    (training does not wait for the store); `flush` waits until all of them are written, and
+    `child_run` flushes before it sets the run's status."""
 
     def __init__(self, tracker: Tracker, run_id: str) -> None:
         self.tracker, self.run_id = tracker, run_id
         self.epochs_done = tracker.last_step(run_id)  # > 0 after a retry or resume
+        self._writing: list[Any] = []  # RunOperations not yet waited for
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
         if epoch > self.epochs_done:
-            self.tracker.log_metrics(self.run_id, metrics, epoch)
+            self._writing.append(self.tracker.log_metrics(self.run_id, metrics, epoch, synchronous=False))
             self.epochs_done = epoch
+
+    def flush(self) -> None:
+        """Wait until every epoch logged so far is in the store; raises what writing one raised."""
+        writing, self._writing = self._writing, []
+        for operations in writing:
+            operations.wait()
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.tracker.log_metrics(self.run_id, metrics, step)
@@ -247,7 +267,10 @@ def child_run(
     """
     run = TrackedRun(tracker, tracker.open_child(parent_run_id, role, key_tag, key, name, params, run_tags or {}))
     try:
-        yield run
+        try:
+            yield run
+        finally:
+            run.flush()  # what was logged is in the store before the run's status says it ended
     except SystemExit:
         # Tune stopped the trial. A scheduler stop reaches the driver's CloseTrialRuns before the
         # trial, so a run still open was stopped by something else: `stopped_by` says what.

@@ -1,20 +1,23 @@
 """The Tune function trainable: resolve the trial's plan and sources, train, report per epoch.
 
-One `tune.report` per epoch with a checkpoint; a restarted trial resumes from
+One `tune.report` per epoch with a checkpoint, made while the next epoch trains
+(`sweeps.reporting.EpochReporter`); a restarted trial resumes from
 `tune.get_checkpoint()` and reopens its MLflow child run by trial id (`child_run`).
 """
 
 from __future__ import annotations
 
-import tempfile
+import contextlib
+import time
 from pathlib import Path
 from typing import Any
 
 import ray
+from mlflow.exceptions import MlflowException
 from ray import tune
 
 from kd_core.cost import LatencyProtocol, measure_costs
-from kd_core.train import EpochReport, fit, load_checkpoint
+from kd_core.train import fit, load_checkpoint
 from sweeps import tags
 from sweeps.interrupts import interruption
 from sweeps.pipeline import (
@@ -28,8 +31,10 @@ from sweeps.pipeline import (
     trial_sources,
     worker_setup,
 )
+from sweeps.reporting import EpochReporter, decision_epochs
 from sweeps.space import TrialPlan, resolve_trial
 from sweeps.spec import SweepSpec
+from sweeps.timings import PhaseTimes
 from sweeps.tracking import Tracker, child_run
 
 
@@ -45,38 +50,44 @@ def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     spec = context.spec
-    worker_setup(spec, spec.sweep.cpus_per_trial)
-    tracker = Tracker(context.tracking_uri)
-    trial_id = tune.get_context().get_trial_id()
-    plan = resolve_trial(spec, config)
+    times = PhaseTimes()  # logged as the run's time_* metrics: where a trial's time goes
+    with times.phase("setup"):
+        worker_setup(spec, spec.sweep.cpus_per_trial)
+        tracker = Tracker(context.tracking_uri)
+        trial_id = tune.get_context().get_trial_id()
+        plan = resolve_trial(spec, config)
     device = spec.sweep.device
+    opening = time.perf_counter()
     with child_run(
         tracker, context.parent_run_id, role="trial", key_tag=tags.TRIAL_ID, key=trial_id,
         name=f"trial-{trial_id}", epochs=plan.recipe.epochs, params=trial_params(spec, plan),
         run_tags={tags.NODE_IP: ray.util.get_node_ip_address()},
         stopped_by=lambda: interruption(Path(context.storage) / context.name),
     ) as run:
-        data = load_dataset(spec.data.model_dump(), device)
+        times.add("mlflow_open", time.perf_counter() - opening)
+        with times.phase("data"):
+            data = load_dataset(spec.data.model_dump(), device)
         # Sources may be trained here, by the first trial that needs them: inside the run, so
         # a failing stage fails this trial's run with a reason instead of leaving no run.
-        sources = trial_sources(spec, plan, data, context, tracker, device)
-        distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
-        options = fit_options(context, distiller, sources, data, spec.data.model_dump())
+        with times.phase("sources"):
+            sources = trial_sources(spec, plan, data, context, tracker, device)
+            distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
+            options = fit_options(context, distiller, sources, data, spec.data.model_dump())
         run.set_tags({**lineage_tags(sources), tags.TEACHER_CACHE: "on" if options["source_cache"] else "off"})
         example, _ = next(data.val.batches(1))
         # Measured the same way for every trial (spec.sweep.latency), on its device and threads.
-        costs = measure_costs(distiller.deployable(), example, LatencyProtocol(**spec.sweep.latency.model_dump()))
+        with times.phase("costs"):
+            costs = measure_costs(distiller.deployable(), example, LatencyProtocol(**spec.sweep.latency.model_dump()))
         run.log_metrics(costs)
         checkpoint = tune.get_checkpoint()
         resume = None
         if checkpoint is not None:
-            with checkpoint.as_directory() as directory:
+            with times.phase("resume"), checkpoint.as_directory() as directory:
                 resume = load_checkpoint(directory)
-
-        def report(epoch: EpochReport) -> None:
-            run.log_epoch(epoch.epoch, epoch.metrics)
-            with tempfile.TemporaryDirectory() as directory:
-                epoch.save(directory)
-                tune.report({**epoch.metrics, **costs}, checkpoint=tune.Checkpoint.from_directory(directory))
-
-        fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=report, resume=resume, **options)
+        try:
+            with EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
+                fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume, **options)
+        finally:
+            # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
+            with contextlib.suppress(MlflowException):
+                run.log_metrics(times.metrics(), step=run.epochs_done)

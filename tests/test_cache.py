@@ -186,6 +186,23 @@ def test_without_augmentation_the_cache_is_exact_and_has_one_view(tmp_path: Path
     assert len(list(tmp_path.rglob(CACHE_FILE))) == 1  # both requests share the exact cache
 
 
+def test_logits_beyond_float16_are_cached_in_float32_not_as_infinities(tmp_path: Path, digits: Dataset) -> None:
+    """A diverged teacher (an SFTN teacher after one epoch on digits gave 1e5) has finite logits
+    that float16 cannot hold: the cache keeps them as they are instead of making the loss NaN."""
+    model = build_model("convnet", 10, 1, {"width": 8, "depth": 1}).eval()
+    with torch.no_grad():
+        model.head.fc.weight.mul_(1e6)
+        fresh = model(digits.train.images)
+    assert fresh.isfinite().all() and fresh.abs().max() > torch.finfo(torch.float16).max
+    cache = build_cache(tmp_path, [("diverged", model)], "digits", digits.train, dtype="float16")
+    cached = cache.fixed[0][0]
+    assert cached.dtype == torch.float32 and cached.isfinite().all()
+    torch.testing.assert_close(cached, fresh, rtol=1e-6, atol=1e-6)
+    small = build_cache(tmp_path, [("normal", build_model("convnet", 10, 1, {"width": 8, "depth": 1}).eval())],
+                        "digits", digits.train, dtype="float16")
+    assert small.fixed[0][0].dtype == torch.float16  # the setting holds wherever float16 can
+
+
 def test_a_damaged_cache_file_is_computed_again(tmp_path: Path, digits: Dataset) -> None:
     """A truncated logits file is set aside and recomputed, not loaded by every later trial."""
     model = build_model("convnet", 10, 1, {"width": 8, "depth": 1}).eval()

@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import pickle
 import sqlite3
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -116,6 +118,28 @@ def test_damaged_search_state_is_named(tmp_path, damage) -> None:
     target.write_bytes(b"\x00garbage\x13" * 200 if damage in ("garbage_searcher", "study") else data[: len(data) // 2])
     with pytest.raises(SearchStateError, match=target.name):
         check_search_state(tmp_path)
+
+
+def test_a_study_a_killed_driver_left_mid_write_is_recovered_not_called_damaged(tmp_path) -> None:
+    """SIGKILL during a study write leaves a hot journal; opened read-only, SQLite refuses the file
+    ("attempt to write a readonly database"), where a writer rolls the journal back (its crash recovery)."""
+    experiment(tmp_path)
+    study_db = tmp_path / "study.db"
+    with sqlite3.connect(study_db) as db:
+        db.executemany("insert into t values (?)", [(bytes(500),)] * 2000)
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import sqlite3, time\n"
+        f"db = sqlite3.connect({str(study_db)!r}, isolation_level=None)\n"
+        "db.execute('pragma cache_size=1'); db.execute('begin'); db.execute('update t set x = randomblob(500)')\n"
+        "print('writing', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    assert writer.stdout.readline().strip() == "writing"
+    writer.kill()
+    writer.wait()
+    assert (tmp_path / "study.db-journal").exists()
+    with pytest.raises(sqlite3.OperationalError, match="readonly"):  # what the read-only check used to meet
+        sqlite3.connect(f"file:{study_db}?mode=ro", uri=True).execute("pragma quick_check").fetchone()
+    check_search_state(tmp_path)
+    assert sqlite3.connect(study_db).execute("select count(*) from t").fetchone() == (2000,)  # rolled back
 
 
 def test_only_the_newest_snapshot_counts(tmp_path) -> None:

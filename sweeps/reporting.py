@@ -1,0 +1,102 @@
+"""How a trial's epochs reach MLflow and Tune without holding up its training.
+
+A Tune function trainable blocks in `tune.report` until the driver has handled the result
+(searcher, scheduler, callbacks, snapshot) and asked for the next one: a round trip per epoch.
+`EpochReporter` makes that trip, the MLflow write and the checkpoint file on a second thread
+while the next epoch trains, and adds the time of each to the trial's `PhaseTimes`.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from collections.abc import Collection
+from concurrent.futures import Future, ThreadPoolExecutor
+from types import TracebackType
+
+from kd_core.train import EpochReport
+from sweeps.spec import SweepSpec
+from sweeps.timings import PhaseTimes
+from sweeps.tracking import TrackedRun
+
+
+def decision_epochs(spec: SweepSpec) -> frozenset[int]:
+    """The epochs after which the sweep's scheduler may stop a trial: where ASHA (one bracket, as
+    `ray.tune.schedulers.ASHAScheduler` places its rungs) first sees a trial at or past a rung,
+    min_t * rf**k for k < int(log(max_t / min_t) / log(rf) + 1); none for FIFO."""
+    scheduler = spec.sweep.scheduler
+    if scheduler.type == "none":
+        return frozenset()
+    max_t, min_t, rf = spec.recipe.build().epochs, scheduler.grace_period, scheduler.reduction_factor
+    rungs = int(math.log(max_t / min_t) / math.log(rf) + 1)
+    return frozenset(math.ceil(min_t * rf**k) for k in range(max(rungs, 0)))
+
+
+class EpochReporter:
+    """`fit`'s callback in a trial: each epoch is logged to MLflow, checkpointed and reported to
+    Tune on a reporting thread while the next epoch trains.
+
+    At most one epoch is in flight: a call first waits for the previous report, so a trial runs
+    at most one epoch ahead of what Tune has seen. After `decision_epochs` (where the scheduler
+    may stop it) and the last epoch it waits for Tune's answer at once, so a stopped trial trains
+    no epoch past its stop and a reused actor is free at once. The checkpoint is of the state
+    when the epoch ended (`EpochReport.frozen`), so resume is exact. Whatever the reporting thread
+    raised (SystemExit: Tune stopped the trial) is raised in the training thread at the next call,
+    or on leaving the `with` block unless the block itself raised.
+    """
+
+    def __init__(self, run: TrackedRun, extra_metrics: dict[str, float], decisions: Collection[int],
+                 times: PhaseTimes) -> None:
+        self.run, self.extra_metrics, self.decisions, self.times = run, extra_metrics, decisions, times
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="kdsweep-report")
+        self._pending: Future[None] | None = None
+
+    def __call__(self, epoch: EpochReport) -> None:
+        self.wait()
+        with self.times.phase("snapshot"):
+            frozen = epoch.frozen()
+        self._pending = self._thread.submit(self._report, frozen)
+        if epoch.is_last or epoch.epoch in self.decisions:
+            self.wait()
+
+    def wait(self) -> None:
+        """Until the epoch in flight has been reported; raises what reporting it raised."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            with self.times.phase("report_wait"):
+                pending.result()
+
+    def _report(self, epoch: EpochReport) -> None:
+        cpu = time.thread_time()
+        try:
+            self._write(epoch)
+        finally:
+            self.times.add("report_cpu", time.thread_time() - cpu)  # what it took from the trial's CPUs
+
+    def _write(self, epoch: EpochReport) -> None:
+        from ray import tune
+
+        self.run.log_epoch(epoch.epoch, epoch.metrics)  # queued: written while the checkpoint is saved
+        with tempfile.TemporaryDirectory() as directory:
+            with self.times.phase("checkpoint"):
+                epoch.save(directory)
+            with self.times.phase("mlflow_log"):  # an epoch is in MLflow before its checkpoint is on storage,
+                self.run.flush()  # so a trial resumed from it never leaves that epoch unlogged
+            with self.times.phase("tune_report"):  # Tune copies the files into the trial's storage
+                checkpoint = tune.Checkpoint.from_directory(directory)
+                tune.report({**epoch.metrics, **self.extra_metrics}, checkpoint=checkpoint)
+
+    def __enter__(self) -> EpochReporter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        try:
+            self.wait()
+        except BaseException:
+            if kind is None:  # the body's own error comes first
+                raise
+        finally:
+            self._thread.shutdown(wait=True)
+

@@ -1,0 +1,132 @@
+"""A trial's epochs reach MLflow and Tune on a reporting thread (sweeps/reporting.py): every epoch
+once, checkpoints of the state the epoch ended with, no epoch trained past a scheduler's stop."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from kd_core.recipes import build_recipe
+from kd_core.train import EpochReport, fit, load_checkpoint
+from sweeps.reporting import EpochReporter, decision_epochs
+from sweeps.spec import SweepSpec
+from sweeps.timings import DRIVER_CPU, PhaseTimes, driver_part
+from sweeps.tracking import TrackedRun, Tracker
+from tests.test_train import ce_distiller
+
+
+@pytest.mark.parametrize(("epochs", "grace", "factor"), [(60, 3, 2.0), (8, 1, 2), (9, 1, 3), (100, 3, 2.5), (10, 3, 3),
+                                                         (3, 3, 2), (40, 2, 4.5)])
+def test_decision_epochs_are_where_ray_asha_decides(spec_dict, epochs, grace, factor) -> None:
+    from ray.tune.schedulers import ASHAScheduler
+
+    spec_dict["recipe"]["epochs"] = epochs
+    spec_dict["sweep"] = {"scheduler": {"type": "asha", "grace_period": grace, "reduction_factor": factor}}
+    asha = ASHAScheduler(max_t=epochs, grace_period=grace, reduction_factor=factor)
+    # ASHA decides at the first result at or past a rung (async_hyperband.py: cur_iter < milestone)
+    rungs = {math.ceil(milestone) for milestone, _ in asha._brackets[0]._rungs}
+    assert decision_epochs(SweepSpec.model_validate(spec_dict)) == rungs
+
+
+def test_a_fifo_sweep_has_no_decision_epochs(spec_dict) -> None:
+    spec_dict["sweep"] = {"scheduler": {"type": "none"}}
+    assert decision_epochs(SweepSpec.model_validate(spec_dict)) == frozenset()
+
+
+def test_a_frozen_report_saves_the_state_its_epoch_ended_with(digits, tmp_path) -> None:
+    reports: list[tuple[EpochReport, EpochReport]] = []
+
+    def keep(report: EpochReport) -> None:
+        if report.epoch == 1:
+            report.save(tmp_path / "at_once")  # what a blocking report would have written
+        reports.append((report, report.frozen()))
+
+    fit(ce_distiller(), digits, build_recipe("digits", {"epochs": 3}), callback=keep)
+    first_live, first_frozen = reports[0]
+    first_frozen.save(tmp_path / "later")  # saved after two more epochs trained
+    first_live.save(tmp_path / "live")
+    at_once, later = load_checkpoint(tmp_path / "at_once"), load_checkpoint(tmp_path / "later")
+    assert later["epoch"] == at_once["epoch"] == 1
+    for key, value in at_once["model"].items():
+        torch.testing.assert_close(later["model"][key], value, rtol=0, atol=0)
+    torch.testing.assert_close(later["rng"], at_once["rng"], rtol=0, atol=0)
+    assert later["optimizer"]["state"].keys() == at_once["optimizer"]["state"].keys()
+    live = load_checkpoint(tmp_path / "live")
+    assert any(not torch.equal(live["model"][k], v) for k, v in at_once["model"].items())  # the live one moved on
+
+
+def _reported_trial(config: dict[str, Any]) -> None:
+    """A Tune trial whose "training" is a loop of epochs through `EpochReporter`, recording what it trained."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    tracker = Tracker(config["uri"])
+    run = TrackedRun(tracker, tracker.open_child(config["parent"], "trial", "kdsweep.trial_id", trial_id,
+                                                 trial_id, {}, {}))
+    trained = Path(config["log"]) / f"{trial_id}.json"
+    epochs: list[int] = []
+    weight = torch.zeros(3)
+    with EpochReporter(run, {"cost": 1.0}, config["decisions"], PhaseTimes()) as reporter:
+        for epoch in range(1, config["epochs"] + 1):
+            weight += 1  # in place, as training does: a checkpoint must hold this epoch's value
+            epochs.append(epoch)
+            trained.write_text(json.dumps({"epochs": epochs, "run": run.run_id}))
+            score = config["quality"] * epoch
+            reporter(EpochReport(epoch, {"score": score}, epoch == config["epochs"],
+                                 lambda epoch=epoch, weight=weight: {"epoch": epoch, "weight": weight}))
+    run.flush()
+
+
+def test_tune_sees_every_epoch_once_and_a_stopped_trial_trains_no_further(tmp_path) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cluster.session import init_ray
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
+    decisions = frozenset({1, 2, 4})  # ASHA(max_t=8, grace 1, factor 2) without the last epoch
+    config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 8, "decisions": decisions,
+              "quality": tune.grid_search([1.0, 0.1, 0.5, 0.05])}
+    started = init_ray(None, num_cpus=2)
+    try:
+        results = tune.Tuner(
+            _reported_trial, param_space=config,
+            tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=1, reuse_actors=True,
+                                        scheduler=ASHAScheduler(max_t=8, grace_period=1, reduction_factor=2)),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="reporting", verbose=0),
+        ).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert not results.errors
+    stopped = 0
+    for result in results:
+        reported = int(result.metrics["training_iteration"])
+        trial = json.loads((tmp_path / f"{result.metrics['trial_id']}.json").read_text())
+        assert trial["epochs"] == list(range(1, reported + 1))  # trained exactly what Tune saw, not one more
+        stopped += reported < 8
+        history = tracker.client.get_metric_history(trial["run"], "score")
+        assert sorted(m.step for m in history) == list(range(1, reported + 1))  # each epoch once
+        assert result.metrics["cost"] == 1.0
+        checkpoint = load_checkpoint(result.checkpoint.path)
+        assert checkpoint["epoch"] == reported
+        torch.testing.assert_close(checkpoint["weight"], torch.full((3,), float(reported)))
+    assert stopped >= 2  # the two weakest trials were stopped at a rung
+
+
+def test_driver_parts_count_their_cpu_time() -> None:
+    @driver_part("unit_test_part")
+    def busy(n: int) -> int:
+        return sum(i * i for i in range(n))
+
+    before = dict(DRIVER_CPU.seconds)
+    assert busy(200_000) == sum(i * i for i in range(200_000))
+    assert DRIVER_CPU.since(before)["unit_test_part"] > 0
+    assert busy.__name__ == "busy"
