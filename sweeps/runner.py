@@ -282,8 +282,8 @@ def _close_after(tracker: Tracker, context: SweepContext, error: BaseException) 
     else:
         what = "was stopped" if interrupted else "failed"
         cause = reason = f"the sweep driver {what}: {type(error).__name__}: {error}"
-    for run in tracker.running_children(context.parent_run_id):
-        tracker.finish(run.info.run_id, "KILLED", cause)
+    for run in tracker.running_children(context.parent_run_id):  # a trial may end on its own meanwhile
+        tracker.finish_if_running(run.info.run_id, "KILLED", cause)
     tracker.finish(context.parent_run_id, "KILLED" if interrupted else "FAILED", reason)
 
 
