@@ -161,17 +161,16 @@ def compute_logits(
     model.eval()
     device = split.labels.device
     batch_size = batch_size or fill_batch_size(device)
-    chunks, largest = [], 0.0
+    chunks = []
     for start in range(0, len(split), batch_size):
         index = torch.arange(start, min(start + batch_size, len(split)))
         images = _view_images(split, index.to(device), None if views is None else views[index])
-        logits = model(images).float()
-        finite = logits[logits.isfinite()]
-        largest = max(largest, finite.abs().max().item() if finite.numel() else 0.0)
-        chunks.append(logits.cpu())
+        chunks.append(model(images).float().cpu())
     model.train(was_training)
-    stored = getattr(torch, dtype)
-    return torch.cat(chunks).to(torch.float32 if largest > torch.finfo(stored).max else stored)
+    logits, stored = torch.cat(chunks), getattr(torch, dtype)
+    finite = logits[logits.isfinite()]
+    fits = finite.numel() == 0 or finite.abs().max().item() <= torch.finfo(stored).max
+    return logits.to(stored if fits else torch.float32)
 
 
 def _load(path: Path) -> dict[str, torch.Tensor] | None:

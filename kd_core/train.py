@@ -94,10 +94,6 @@ def _trainable_state(distiller: Distiller) -> dict[str, torch.Tensor]:
     return {k: v for k, v in distiller.state_dict().items() if not k.startswith("sources.")}
 
 
-def _clone(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone().cpu() for k, v in state.items()}
-
-
 Precision = Literal["float32", "bfloat16", "float16"]
 
 
@@ -216,7 +212,7 @@ def fit(
         val_loss, val_acc = evaluate(deployable, data.val)
         if val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"]):
             best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
-                    "state": _clone(deployable.state_dict())}
+                    "state": _copied(deployable.state_dict())}
         metrics.update(
             train_acc=correct.item() / seen, val_loss=val_loss, val_acc=val_acc,
             val_acc_best=best["val_acc"], val_loss_best=best["val_loss"],
@@ -238,7 +234,7 @@ def fit(
             callback(EpochReport(epoch, dict(metrics), is_last, state))
 
     if best["state"] is None:  # resumed after the last epoch
-        best["state"] = _clone(deployable.state_dict())
+        best["state"] = _copied(deployable.state_dict())
     return FitResult(int(best["epoch"]), metrics, best["state"], recipe.epochs - start_epoch)
 
 
