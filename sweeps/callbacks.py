@@ -1,12 +1,15 @@
-"""Tune callbacks on the driver: live progress, terminal statuses for trial runs, `kdsweep cancel`."""
+"""Tune callbacks on the driver: live progress, terminal statuses for trial runs, `kdsweep cancel`,
+Tune's own result files."""
 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
 from ray.tune.experiment import Trial
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from rich.console import Console
 from rich.live import Live
 from rich.text import Text
@@ -157,3 +160,22 @@ class CancelWatch(Callback):
 
     def on_step_begin(self, iteration: int, trials: list[Trial], **info: Any) -> None:
         poll_cancel()
+
+
+class _KeepDriverResults:
+    """Tune's result loggers copy a trial's file back from storage whenever the trial restarts
+    from a checkpoint (after a node failure, say), over the driver's own copy, which storage gets
+    only at the next experiment snapshot: the results logged since that snapshot were lost. The
+    driver's copy, where it has one, holds every result storage has: keep it."""
+
+    def _restore_from_remote(self, file_name: str, trial: Trial) -> None:
+        if not Path(trial.local_path, file_name).exists():
+            super()._restore_from_remote(file_name, trial)  # type: ignore[misc]
+
+
+class JsonResults(_KeepDriverResults, JsonLoggerCallback):
+    """Tune's result.json per trial (every reported result), restart-safe (`_KeepDriverResults`)."""
+
+
+class CsvResults(_KeepDriverResults, CSVLoggerCallback):
+    """Tune's progress.csv per trial, restart-safe (`_KeepDriverResults`)."""

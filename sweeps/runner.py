@@ -6,6 +6,7 @@ caller (`cluster.session.ray_session`), with `WORKER_ENV` in its workers' enviro
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 import warnings
@@ -20,16 +21,17 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from rich.console import Console
 
 from sweeps import interrupts, tags
-from sweeps.callbacks import CancelWatch, CloseTrialRuns, LiveProgress
+from sweeps.callbacks import CancelWatch, CloseTrialRuns, CsvResults, JsonResults, LiveProgress
 from sweeps.finish import SweepOutcome, finish_sweep, study_storage
 from sweeps.interrupts import Interrupted, StopOnSignals, clear_interruption, interruption, record_driver
 from sweeps.pipeline import SweepContext, trial_resources
 from sweeps.preflight import check_before_start, check_cluster_resources, check_experiment
-from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, StudySearch, prune_checkpoints
+from sweeps.restore import KeepRestorableCheckpoints, SchedulerState, prune_checkpoints
 from sweeps.results import METRIC, SweepFailedError, TrialSummary, summarize
 from sweeps.search import SweepSearch, check_search_state
 from sweeps.space import SearchSpace
 from sweeps.spec import SpecError, SweepSpec, load_spec
+from sweeps.study_search import StudySearch, SweepGenerator
 from sweeps.timings import DRIVER_CPU
 from sweeps.tracking import Tracker
 from sweeps.trainable import train_trial
@@ -44,11 +46,8 @@ SPEC_FILE = "spec.yaml"  # the validated spec, in the sweep's storage directory:
 # snapshots is not for us (they follow per-epoch checkpoints by design). Tune's automatic result
 # loggers are off: `_callbacks` adds its CSV and JSON ones (Tune's own record of every result),
 # not TensorBoard's event files, which cost the driver a sixth of its time and MLflow replaces.
-QUIET_TUNE = {
-    "RAY_AIR_NEW_OUTPUT": "0",
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-    "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1",
-}
+QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
+              "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS": "1"}
 WORKER_ENV = {**QUIET_TUNE, "PYTHONWARNINGS": "ignore::FutureWarning"}  # for `ray_session(env_vars=...)`
 
 
@@ -187,13 +186,16 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
     spec, experiment_dir = context.spec, Path(context.storage) / context.name
     epochs = spec.recipe.build().epochs
     trainable = sweep_trainable(context)
+    # A trial lost in a crash runs again as a new Tune trial, in its MLflow run (no epoch logged twice)
+    on_rerun = functools.partial(tracker.rekey_child, context.parent_run_id, "trial", tags.TRIAL_ID)
     if restore:
         tuner = tune.Tuner.restore(str(experiment_dir), trainable=trainable, resume_errored=True)
         # Tuner.restore unpickles the searcher, scheduler and callbacks from tuner.pkl as they
         # were at the start (Ray has no public handle on them). Tune restores the searcher's
         # state, and SchedulerState the scheduler's, from the snapshot; paths are the current ones.
         config, run_config = tuner._local_tuner._tune_config, tuner._local_tuner.get_run_config()
-        config.search_alg.reopen(study_storage(context))
+        search = config.search_alg  # a SweepGenerator, or a StudySearch in sweeps saved before it
+        getattr(search, "study_search", search).reopen(study_storage(context), on_rerun)
         run_config.callbacks = _callbacks(context, tracker, console, config.scheduler)
         return tuner
     searcher = SweepSearch(
@@ -203,13 +205,13 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
         points_to_evaluate=[dict(p) for p in spec.sweep.initial_points] or None,
         study_name=context.name, storage=optuna.storages.RDBStorage(study_storage(context)),
     )
+    search = SweepGenerator(StudySearch(searcher, study_storage(context), spec.sweep.max_concurrent, on_rerun))
     scheduler = _scheduler(spec)
     return tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(
-            metric=METRIC, mode="max", search_alg=StudySearch(searcher, study_storage(context)), scheduler=scheduler,
-            num_samples=spec.sweep.num_trials, max_concurrent_trials=spec.sweep.max_concurrent, reuse_actors=True,
-        ),
+            metric=METRIC, mode="max", search_alg=search, scheduler=scheduler, num_samples=spec.sweep.num_trials,
+            reuse_actors=True),
         run_config=tune.RunConfig(
             name=context.name, storage_path=context.storage, verbose=0,
             # Tune keeps every checkpoint; KeepRestorableCheckpoints deletes the ones no snapshot needs.
@@ -223,13 +225,11 @@ def _tuner(context: SweepContext, tracker: Tracker, console: Console, restore: b
 def _callbacks(context: SweepContext, tracker: Tracker, console: Console,
                scheduler: tune.schedulers.TrialScheduler) -> list[tune.Callback]:
     """The driver's Tune callbacks. Their order is fixed: Tune restores callback states by position."""
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
     spec, epochs = context.spec, context.spec.recipe.build().epochs
     return [SchedulerState(scheduler), KeepRestorableCheckpoints(),
             CloseTrialRuns(tracker.uri, context.parent_run_id, epochs),
             LiveProgress(spec.sweep.num_trials, epochs, METRIC, console), CancelWatch(),
-            CSVLoggerCallback(), JsonLoggerCallback()]  # stateless: after the others (QUIET_TUNE)
+            CsvResults(), JsonResults()]  # stateless: after the others (QUIET_TUNE)
 
 
 def _drive(context: SweepContext, tracker: Tracker, console: Console, restore: bool) -> SweepOutcome:

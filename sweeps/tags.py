@@ -33,6 +33,7 @@ WARM_START = PREFIX + "warm_start"  # what was taken from it: trials added to th
 
 # Child runs.
 TRIAL_ID = PREFIX + "trial_id"  # trial and confirmation runs: the Tune trial id
+RERUN_OF = PREFIX + "rerun_of"  # a trial run taken over from a Tune trial lost in a driver crash: its id
 STAGE_KEY = PREFIX + "stage_key"  # stage runs: the stage's hash key
 CONFIRM_KEY = PREFIX + "confirm_key"  # confirmation runs: "<trial id>/seed<seed>"
 NODE_IP = PREFIX + "node_ip"  # the Ray node a trial ran on (updated when a retry moves it)

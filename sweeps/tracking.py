@@ -151,6 +151,13 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    def rekey_child(self, parent_run_id: str, role: str, key_tag: str, old: str, new: str) -> None:
+        """The child run keyed `old`, if any, is keyed (and named) `new` from now on: a trial lost
+        in a driver crash runs again as a new Tune trial, and goes on in the same run."""
+        run = self.child_by_key(parent_run_id, role, key_tag, old)
+        if run is not None:
+            self.set_tags(run.info.run_id, {key_tag: new, tags.RERUN_OF: old, "mlflow.runName": f"{role}-{new}"})
+
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 

@@ -114,14 +114,18 @@ def interrupt(cwd: Path, args: list[str], tracker: Tracker, ready: Callable[[lis
 
 
 def record(tracker: Tracker, storage: Path) -> dict:
-    """What a sweep did: per trial (by lr) its statuses, epochs, val_acc history; the best student."""
+    """What a sweep did: per trial (by lr) its statuses, epochs, val_acc history; the best student.
+    The runs of trials that a crash lost before Tune's snapshot held them (their parameters ran
+    again in a later trial) are apart, in "lost"."""
     (parent,) = tracker.find_sweeps("s")
-    trials = {}
+    trials, lost = {}, {}
     for run in tracker.children(parent.info.run_id, "trial"):
         history = [(m.step, round(m.value, 6)) for m in tracker.client.get_metric_history(run.info.run_id, "val_acc")]
-        trials[run.data.params["recipe.lr"]] = (run.info.status, history, run.data.tags.get(tags.END_REASON))
+        reason = run.data.tags.get(tags.END_REASON)
+        orphaned = reason is not None and reason.startswith("orphaned")
+        (lost if orphaned else trials)[run.data.params["recipe.lr"]] = (run.info.status, history, reason)
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{storage / 's' / 'study.db'}")
-    return {"parent": parent, "trials": trials,
+    return {"parent": parent, "trials": trials, "lost": lost,
             # a trial asked by a driver that then died stays FAIL in the study (its point is asked again)
             "study": sorted((t.params["recipe.lr"], t.state.name) for t in study.trials if t.state.name != "FAIL"),
             "best": (parent.data.tags.get(tags.BEST_TRIAL_ID) and round(parent.data.metrics["best_test_acc"], 6),
@@ -140,8 +144,8 @@ def test_three_interruptions_and_resumes_match_a_straight_run(tmp_path) -> None:
     done = cli(straight, "run", "spec.yaml", "--name", "s")
     assert done.returncode == 0, done.stderr[-5000:]
     expected = record(Tracker(f"sqlite:///{straight / 'mlflow.db'}"), straight / "kdsweep_storage")
-    lost = {lr: h for lr, (_, h, _) in expected["trials"].items()}
-    assert [len(h) for h in lost.values()].count(1) >= 2  # ASHA stopped the poor ones after 1 epoch
+    histories = {lr: h for lr, (_, h, _) in expected["trials"].items()}
+    assert [len(h) for h in histories.values()].count(1) >= 2  # ASHA stopped the poor ones after 1 epoch
 
     tracker = Tracker(f"sqlite:///{broken / 'mlflow.db'}")
     storage = broken / "kdsweep_storage"
@@ -180,7 +184,9 @@ def test_three_interruptions_and_resumes_match_a_straight_run(tmp_path) -> None:
 
     got = record(tracker, storage)
     assert got["parent"].info.status == "FINISHED" and tags.END_REASON not in got["parent"].data.tags
-    assert {lr: h for lr, (_, h, _) in got["trials"].items()} == lost  # trials, histories, ASHA stops
+    assert {lr: h for lr, (_, h, _) in got["trials"].items()} == histories  # trials, histories, ASHA stops
+    assert expected["lost"] == {} and {s for s, _, _ in got["lost"].values()} <= {"KILLED"}
+    assert set(got["lost"]) <= set(got["trials"])  # a lost trial's parameters ran again
     assert {lr: s for lr, (s, _, _) in got["trials"].items()} == {lr: s for lr, (s, _, _) in expected["trials"].items()}
     assert all("interrupted" not in (reason or "") for _, _, reason in got["trials"].values())
     assert got["study"] == expected["study"]
