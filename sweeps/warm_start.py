@@ -26,6 +26,7 @@ from optuna.trial import FrozenTrial, TrialState
 from sweeps import tags
 from sweeps.search import STUDY_FILE
 from sweeps.spec import ParamSpec, SpecError, SweepSpec
+from sweeps.study_search import TUNE_TRIAL_ATTR
 from sweeps.tracking import Tracker
 
 ORIGIN_ATTR = tags.WARM_START_FROM  # also the user attribute of a trial added from an earlier study
@@ -105,8 +106,9 @@ def start_from(warm: WarmStart, spec: SweepSpec, study_url: str, study_name: str
     directions = ["maximize", *(["minimize"] if spec.sweep.cost else [])]
     study = optuna.create_study(storage=study_url, study_name=study_name, directions=directions, load_if_exists=True)
     if warm.same_space:
-        for trial in warm.trials:
-            trial.set_user_attr(ORIGIN_ATTR, warm.sweep)
+        for trial in warm.trials:  # not this sweep's Tune trials: a resume must not take them for lost ones
+            trial.user_attrs = {**{k: v for k, v in trial.user_attrs.items() if k != TUNE_TRIAL_ATTR},
+                                ORIGIN_ATTR: warm.sweep}
         study.add_trials(warm.trials)
         return f"added {len(warm.trials)} finished trials of {warm.sweep} to the study (same search space)"
     points: list[dict[str, Any]] = []

@@ -32,6 +32,7 @@ from sweeps import tags
 from sweeps.cli import app
 from sweeps.runner import check_new_sweep
 from sweeps.spec import SpecError, parse_spec
+from sweeps.study_search import TUNE_TRIAL_ATTR
 from sweeps.tracking import Tracker
 from sweeps.warm_start import ORIGIN_ATTR
 from tests.sweep_cli import MODEL, NAME, SPEC, kdsweep, run_spec
@@ -98,6 +99,9 @@ def test_warm_start_adds_the_earlier_trials_and_records_lineage(workspace, warm)
     assert [t.number for t in added] == list(range(len(earlier)))
     own = [t for t in trials if ORIGIN_ATTR not in t.user_attrs]
     assert [t.state.name for t in own] == ["COMPLETE"]
+    # Only its own trials name a Tune trial of this sweep (a resume reruns study trials Tune lost).
+    assert all(TUNE_TRIAL_ATTR in t.user_attrs for t in earlier + own)
+    assert not any(TUNE_TRIAL_ATTR in t.user_attrs for t in added)
 
 
 def test_time_budget_stops_new_trials_and_the_sweep_finishes(warm) -> None:
