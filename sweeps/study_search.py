@@ -149,15 +149,16 @@ class StudySearch(Searcher):
         if self.max_concurrent is not None and len(self.live) >= self.max_concurrent:
             return None  # Tune asks again once a trial ended
         rerun = self.lost.pop(0) if self.lost else None
+        told = rerun is not None and rerun.state.is_finished()  # its end is in the study already
         if rerun is not None:  # OptunaSearch answers with the parameters of the study trial it is given
             self.search._ot_trials[trial_id] = optuna.trial.Trial(self.search._ot_study, rerun._trial_id)
-            if rerun.state.is_finished():
-                self.search._completed_trials.add(trial_id)
+        if told:
+            self.search._completed_trials.add(trial_id)
         config = self.search.suggest(trial_id)
         if not isinstance(config, dict):
             return config
         self.live.add(trial_id)
-        if rerun is None or not rerun.state.is_finished():  # a finished study trial takes no attribute
+        if not told:  # a finished study trial takes no attribute
             self.search._ot_trials[trial_id].set_user_attr(TUNE_TRIAL_ATTR, trial_id)
         if rerun is not None and TUNE_TRIAL_ATTR in rerun.user_attrs and self.on_rerun is not None:
             self.on_rerun(rerun.user_attrs[TUNE_TRIAL_ATTR], trial_id)
