@@ -120,6 +120,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PHASES = {  # time_* metric: what it is (sweeps/trainable.py, sweeps/reporting.py)
+    "time_actor_start": "trial start: actor process, imports (1st per actor)",
     "time_setup": "trial start: plugins, threads, plan",
     "time_mlflow_open": "trial start: open its MLflow run",
     "time_data": "trial start: dataset (once per actor)",

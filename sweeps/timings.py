@@ -1,8 +1,9 @@
 """Where a sweep's time goes, recorded by the code itself (benchmarks/sweep_overhead.py prints it).
 
-A trial keeps a `PhaseTimes` of its own (logged as its run's `time_*` metrics). The driver's
-parts (Optuna, MLflow, progress, checkpoint pruning) add their CPU time to `DRIVER_CPU` through
-`driver_part`; what the driver spends beyond them is Tune's own loop, loggers and snapshots.
+A trial keeps a `PhaseTimes` of its own (logged as its run's `time_*` metrics), its actor's
+start among them (`process_start_seconds`). The driver's parts (Optuna, MLflow, progress,
+checkpoint pruning) add their CPU time to `DRIVER_CPU` through `driver_part`; what the driver
+spends beyond them is Tune's own loop, loggers and snapshots.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
+
+import psutil
 
 Method = TypeVar("Method", bound=Callable[..., Any])
 
@@ -43,6 +46,19 @@ class PhaseTimes:
         """Seconds per phase added after `earlier` (a copy of `seconds`)."""
         return {name: value - earlier.get(name, 0.0) for name, value in self.seconds.items()}
 
+
+def process_start_seconds() -> float:
+    """Seconds from this process's start to now on the first call in the process, 0.0 on later
+    calls: in a trial, the start of its Ray actor (worker process, imports, Tune's set-up) for the
+    first trial an actor runs; a reused actor's later trials start at no such cost."""
+    global _process_start_counted
+    if _process_start_counted:
+        return 0.0
+    _process_start_counted = True
+    return max(0.0, time.time() - psutil.Process().create_time())
+
+
+_process_start_counted = False
 
 DRIVER_CPU = PhaseTimes()  # this process's CPU seconds in the sweep's driver-side code, by part
 

@@ -34,7 +34,7 @@ from sweeps.pipeline import (
 from sweeps.reporting import EpochReporter, decision_epochs
 from sweeps.space import TrialPlan, resolve_trial
 from sweeps.spec import SweepSpec
-from sweeps.timings import PhaseTimes
+from sweeps.timings import PhaseTimes, process_start_seconds
 from sweeps.tracking import Tracker, child_run
 
 
@@ -51,6 +51,7 @@ def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     spec = context.spec
     times = PhaseTimes()  # logged as the run's time_* metrics: where a trial's time goes
+    times.add("actor_start", process_start_seconds())
     with times.phase("setup"):
         worker_setup(spec, spec.sweep.cpus_per_trial)
         tracker = Tracker(context.tracking_uri)

@@ -7,6 +7,7 @@ Screenshots are kept in test-artifacts/browser/ at the repository root.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import re
@@ -73,7 +74,10 @@ def _serving(args: list[str], work: Path, log_name: str, ready_url: str, stop: s
     with open(log_path, "w") as log:
         server = subprocess.Popen([sys.executable, "-m", "sweeps.cli", *args],
                                   cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT,
-                                  start_new_session=True)  # its own group: its workers stop with it
+                                  start_new_session=True,  # its own group: its workers stop with it
+                                  # Ctrl-C as in a terminal, even under a shell that ran these tests in
+                                  # the background (which starts them with SIGINT ignored)
+                                  preexec_fn=functools.partial(signal.signal, signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 90
             while True:

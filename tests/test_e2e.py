@@ -98,7 +98,7 @@ def test_each_trial_has_params_and_one_point_per_epoch(sweep) -> None:
             assert "test_acc" in run.data.metrics
             # where its time went (sweeps/timings.py), as benchmarks/sweep_overhead.py reads it
             times = {k: v for k, v in run.data.metrics.items() if k.startswith("time_")}
-            assert {"time_setup", "time_data", "time_sources", "time_checkpoint", "time_tune_report",
+            assert {"time_actor_start", "time_setup", "time_data", "time_sources", "time_checkpoint", "time_tune_report",
                     "time_report_cpu"} <= set(times) and all(v >= 0 for v in times.values()), times
 
 

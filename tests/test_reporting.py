@@ -130,3 +130,15 @@ def test_driver_parts_count_their_cpu_time() -> None:
     assert busy(200_000) == sum(i * i for i in range(200_000))
     assert DRIVER_CPU.since(before)["unit_test_part"] > 0
     assert busy.__name__ == "busy"
+
+
+def test_a_process_start_counts_once_per_process() -> None:
+    import subprocess
+    import sys
+
+    code = ("import time; time.sleep(0.5); from sweeps.timings import process_start_seconds as s; "
+            "print(s(), s())")
+    first, second = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                              check=True, timeout=120).stdout.split())
+    assert 0.5 <= first < 120  # the sleep and the imports since the process started
+    assert second == 0.0  # a reused actor's later trials: no start of their own
