@@ -50,7 +50,9 @@ class PhaseTimes:
 def process_start_seconds() -> float:
     """Seconds from this process's start to now on the first call in the process, 0.0 on later
     calls: in a trial, the start of its Ray actor (worker process, imports, Tune's set-up) for the
-    first trial an actor runs; a reused actor's later trials start at no such cost."""
+    first trial an actor runs; a reused actor's later trials start at no such cost. A worker
+    that Ray started earlier and left idle would count its idle time too (trial actors get new
+    processes today: their runtime env differs from the prestarted workers')."""
     global _process_start_counted
     if _process_start_counted:
         return 0.0
