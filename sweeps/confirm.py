@@ -87,23 +87,42 @@ def confirm_task(settings: SweepSettings) -> Any:
     return ray.remote(**task_options(settings))(retrain_task)
 
 
-def confirm_top_k(context: SweepContext, trials: list[TrialSummary], tracker: Tracker) -> list[Confirmation]:
-    """Re-train the top-k finished configurations with `sweep.confirm.seeds` new seeds each."""
+@dataclass(frozen=True)
+class PendingConfirmations:
+    """Confirmation re-trainings submitted to Ray (`start_confirmations`), training while the
+    driver does other work; `collect` waits for them and records them."""
+
+    context: SweepContext
+    top: list[TrialSummary]
+    seeds: list[int]
+    refs: list[list[ray.ObjectRef]]  # per top trial, one re-training per seed
+
+    def collect(self, tracker: Tracker) -> list[Confirmation]:
+        """Wait for every re-training; log each configuration's mean and spread on the parent run
+        and tag the configuration confirmed best. Raises what a re-training raised."""
+        context = self.context
+        confirmations = []
+        for rank, (trial, refs) in enumerate(zip(self.top, self.refs, strict=True), start=1):
+            results = ray.get(refs)
+            confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, self.seeds,
+                                              [r[METRIC] for r in results], [r["test_acc"] for r in results]))
+        if not confirmations:
+            return []
+        for c in confirmations:
+            tracker.log_metrics(context.parent_run_id, {f"confirm_{c.rank}_{k}": v for k, v in c.summary().items()}, 0)
+        chosen = max(confirmations, key=lambda c: c.summary()["val_acc_mean"])
+        tracker.set_tags(context.parent_run_id, {tags.CONFIRMED_BEST_TRIAL_ID: chosen.trial_id})
+        tracker.client.log_dict(context.parent_run_id,
+                                [{**dataclasses.asdict(c), **c.summary()} for c in confirmations], "confirm.json")
+        return confirmations
+
+
+def start_confirmations(context: SweepContext, trials: list[TrialSummary]) -> PendingConfirmations:
+    """Submit the re-training of the top-k finished configurations (`sweep.confirm.top_k`, ranked
+    on val) with `sweep.confirm.seeds` new seeds each; none when top_k is 0."""
     settings = context.spec.sweep
     top = ranked(trials)[: settings.confirm.top_k]
     seeds = [settings.seed + 1 + i for i in range(settings.confirm.seeds)]
     task = confirm_task(settings)
-    pending = [[task.remote(context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds] for t in top]
-    confirmations = []
-    for rank, (trial, refs) in enumerate(zip(top, pending, strict=True), start=1):
-        results = ray.get(refs)
-        confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, seeds,
-                                          [r[METRIC] for r in results], [r["test_acc"] for r in results]))
-    for c in confirmations:
-        tracker.log_metrics(context.parent_run_id, {f"confirm_{c.rank}_{k}": v for k, v in c.summary().items()}, 0)
-    if confirmations:
-        chosen = max(confirmations, key=lambda c: c.summary()["val_acc_mean"])
-        tracker.set_tags(context.parent_run_id, {tags.CONFIRMED_BEST_TRIAL_ID: chosen.trial_id})
-    tracker.client.log_dict(context.parent_run_id,
-                            [{**dataclasses.asdict(c), **c.summary()} for c in confirmations], "confirm.json")
-    return confirmations
+    refs = [[task.remote(context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds] for t in top]
+    return PendingConfirmations(context, top, seeds, refs)

@@ -19,7 +19,7 @@ from kd_core.data import Dataset
 from kd_core.stages import StageStore
 from kd_core.train import load_checkpoint
 from sweeps import tags
-from sweeps.confirm import Confirmation, confirm_top_k
+from sweeps.confirm import Confirmation, start_confirmations
 from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
 from sweeps.pipeline import SweepContext, build_distiller, load_dataset, stage_task, trial_sources, worker_setup
 from sweeps.plots import log_sweep_plots
@@ -63,12 +63,14 @@ def finish_sweep(
     plan = resolve_trial(spec, best.sampled)
     data = load_dataset(spec.data.model_dump())
     worker_setup(spec, None)  # the driver: every CPU
-    console.print("training the CE-only baseline student (same architecture and recipe)...")
-    # A Ray task with a trial's resources, so a GPU sweep trains its baseline on a GPU too.
-    baseline = ray.get(stage_task(spec.sweep).remote(
-        baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device))
-    teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
-    confirmations = confirm_top_k(context, trials, tracker) if spec.sweep.confirm.top_k else []
+    console.print("training the CE-only baseline student (same architecture and recipe)"
+                  + (" and confirming the top trials" if spec.sweep.confirm.top_k else "")
+                  + ", exporting the best student...")
+    # Ray tasks with a trial's resources (a GPU sweep trains its baseline on a GPU too); they
+    # train, each in a worker that starts cold, while this process exports the best student.
+    baseline_ref = stage_task(spec.sweep).remote(
+        baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device)
+    confirming = start_confirmations(context, trials)
 
     trial_runs = {r.data.tags.get(tags.TRIAL_ID): r for r in tracker.children(parent_run_id, "trial")}
 
@@ -91,6 +93,11 @@ def finish_sweep(
     export = export_student(deployable, data, directory / "export", tracker, parent_run_id,
                             spec.registered_model, meta, spec.tracking.champion)
     pareto = _export_pareto(context, trials, deployable_of, data, tracker)
+    log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)),
+                    target_names=[METRIC, f"cost_{context.spec.sweep.cost}"] if context.spec.sweep.cost else None)
+    baseline = ray.get(baseline_ref)
+    teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
+    confirmations = confirming.collect(tracker)
     counts = status_counts(t.status for t in trials)
     # The best trial's settings and figures on the parent too, so the sweep's row shows them.
     best_run = trial_runs[best.trial_id]
@@ -111,8 +118,6 @@ def finish_sweep(
         tags.BASELINE_RUN_ID: baseline.run_id or "",
         tags.TEACHER_RUN_ID: (teacher.run_id or "") if teacher else "",
     })
-    log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)),
-                    target_names=[METRIC, f"cost_{context.spec.sweep.cost}"] if context.spec.sweep.cost else None)
     return SweepOutcome(
         context.name, parent_run_id, trials, best, plan, baseline.meta["metrics"],
         teacher.meta["metrics"] if teacher else None, export, confirmations, pareto, seconds=0.0,
