@@ -106,13 +106,19 @@ def _view_images(split: Split, index: torch.Tensor, params: torch.Tensor | None)
     return split.transform.apply(images, params)
 
 
+Shard = Callable[[torch.Tensor], torch.Tensor]  # a data-parallel rank's rows of a batch
+
+
 def _protocol_batches(
-    split: Split, batch_size: int, order: torch.Tensor, views: torch.Tensor | None
+    split: Split, batch_size: int, order: torch.Tensor, views: torch.Tensor | None, shard: Shard | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """(images, labels, index on the device) of each batch of `order`, image i in view `views[i]`."""
+    """(images, labels, index on the device) of each batch of `order`, image i in view `views[i]`;
+    with `shard`, only the rows of each batch it keeps (`kd_core.distributed.DataParallel.shard`)."""
     device = split.labels.device
     for start in range(0, len(order), batch_size):
         index = order[start : start + batch_size]
+        if shard is not None:
+            index = shard(index)
         on_device = index.to(device, non_blocking=True)
         images = _view_images(split, on_device, None if views is None else views[index])
         yield images, split.labels[on_device], on_device
@@ -128,18 +134,19 @@ def training_batches(
 
 
 def indexed_training_batches(
-    split: SplitLike, batch_size: int, seed: int, epoch: int
+    split: SplitLike, batch_size: int, seed: int, epoch: int, shard: Shard | None = None
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
     """`training_batches` with each batch's dataset indices into `split`, (n,) int64 on the
     split's device: (images, labels, index). The index is None for a split that is not
-    `replayable` (it shuffles on its own and does not say which images it drew)."""
+    `replayable` (it shuffles on its own and does not say which images it drew). With `shard`,
+    each batch is cut to the rows it keeps (a replayable split draws only those images)."""
     if not replayable(split):
         for images, labels in split.batches(batch_size, epoch_generator(seed, epoch)):
-            yield images, labels, None
+            yield (images, labels, None) if shard is None else (shard(images), shard(labels), None)
         return
     assert isinstance(split, Split)
     draws = epoch_draws(split, seed, epoch)
-    yield from _protocol_batches(split, batch_size, draws.order, draws.views)
+    yield from _protocol_batches(split, batch_size, draws.order, draws.views, shard)
 
 
 def fill_batch_size(device: torch.device) -> int:
@@ -293,10 +300,10 @@ class SourceLogitCache:
             yield images, labels, logits
 
     def indexed_batches(
-        self, batch_size: int, seed: int, epoch: int
+        self, batch_size: int, seed: int, epoch: int, shard: Shard | None = None
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[torch.Tensor], torch.Tensor]]:
         """`batches` with each batch's dataset indices into the split, (n,) int64 on its device:
-        (images, labels, logits, index)."""
+        (images, labels, logits, index); with `shard`, only the rows of each batch it keeps."""
         split = self.split
         draws = epoch_draws(split, seed, epoch)
         if self.fixed is None:  # per epoch
@@ -310,7 +317,7 @@ class SourceLogitCache:
             views = self.view_params[chosen, images]
             chosen, images = chosen.to(self.device), images.to(self.device)
             logits = [fixed[chosen, images] for fixed in self.fixed]
-        for batch, labels, index in _protocol_batches(split, batch_size, draws.order, views):
+        for batch, labels, index in _protocol_batches(split, batch_size, draws.order, views, shard):
             yield batch, labels, [source[index].float() for source in logits], index
 
     def disk_bytes(self) -> int:

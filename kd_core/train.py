@@ -22,6 +22,7 @@ from torch import nn
 from kd_core.cache import SourceLogitCache, indexed_training_batches, replayable
 from kd_core.data.base import Dataset, Split, SplitLike
 from kd_core.distillers.base import Distiller, TrainingPosition
+from kd_core.distributed import DataParallel, check_data_parallel
 from kd_core.recipes import Recipe
 
 CHECKPOINT_FILE = "train_state.pt"
@@ -66,7 +67,7 @@ def _copied(value: Any) -> Any:
 class FitResult:
     best_epoch: int
     metrics: dict[str, float]  # the last epoch's metrics, test included
-    best_state: dict[str, torch.Tensor]  # deployable model at the best val epoch
+    best_state: dict[str, torch.Tensor]  # deployable model at the best val epoch (empty on ranks > 0)
     epochs_run: int
 
 
@@ -119,6 +120,7 @@ def fit(
     source_cache: SourceLogitCache | None = None,
     precision: Precision = "float32",
     channels_last: bool = False,
+    data_parallel: DataParallel | None = None,
 ) -> FitResult:
     """Train `distiller` for `recipe.epochs` epochs on `data` (already on its device).
 
@@ -136,7 +138,17 @@ def fit(
     with `needs_sample_index`, `fit` first calls `distiller.bind_training_set(labels)` (before
     the optimizer and the resumed state) and raises ValueError, naming the method, when the
     training split cannot give the indices.
+
+    With `data_parallel`, this process is one rank of a DDP group (`kd_core.distributed`): it
+    trains on its rows of each of the same global batches, gradients are averaged over the
+    ranks, and the train metrics are summed over them (equal to a single process's). Only rank
+    0 evaluates, keeps the best state and calls `callback`; other ranks return the train
+    metrics alone. Every rank passes the same `resume`. Raises ValueError for a method that
+    cannot train data-parallel (`check_data_parallel`) or a batch some rank gets no rows of.
     """
+    if data_parallel is not None:
+        check_data_parallel(type(distiller))
+        data_parallel.check_batches(len(data.train), recipe.batch_size)
     if type(distiller).needs_sample_index:
         _bind_training_set(distiller, data.train)
     device = next(distiller.parameters()).device
@@ -164,6 +176,13 @@ def fit(
         start_epoch = int(resume["epoch"])
         best = dict(resume["best"])
 
+    # Under DDP the forward goes through its wrapper (built after the resumed state: it
+    # broadcasts rank 0's weights).
+    forward_train = distiller.forward_train if data_parallel is None else data_parallel.wrap(distiller)
+    shard = None if data_parallel is None else data_parallel.shard
+    world = 1 if data_parallel is None else data_parallel.world_size
+    evaluates = data_parallel is None or data_parallel.is_main
+
     metrics: dict[str, float] = {}
     for epoch in range(start_epoch + 1, recipe.epochs + 1):
         started = time.perf_counter()
@@ -171,10 +190,10 @@ def fit(
         # The epoch's order and augmentation depend on (seed, epoch) only (kd_core.cache.epoch_draws):
         # every method, with the cache or without, trains on the same batches.
         if source_cache is not None:
-            batches = source_cache.indexed_batches(recipe.batch_size, seed, epoch)
+            batches = source_cache.indexed_batches(recipe.batch_size, seed, epoch, shard)
         else:
             batches = ((images, labels, None, index) for images, labels, index
-                       in indexed_training_batches(data.train, recipe.batch_size, seed, epoch))
+                       in indexed_training_batches(data.train, recipe.batch_size, seed, epoch, shard))
         # Loss sums stay on the device (one synchronisation per epoch, not per step); the
         # floats of `after_step` (a method's own optimizer) are summed on the host.
         loss_sums: torch.Tensor | None = None
@@ -185,16 +204,20 @@ def fit(
             position = TrainingPosition(epoch, (epoch - 1) * epoch_steps + batch_index, epoch_steps, recipe.epochs)
             images = images.contiguous(memory_format=memory_format) if images.dim() == 4 else images
             distiller.cached_source_logits, distiller.sample_index = cached, sample_index
+            n = len(labels)
             with torch.autocast(device.type, autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-                logits, terms = distiller.forward_train(images, labels, position)
+                logits, terms = forward_train(images, labels, position)
                 distiller.check_terms(terms)  # a term without a weight must fail, not count as 0
                 loss = weighted_loss(terms, weights)
             optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            if world > 1:  # DDP divides the summed gradients by the ranks: weigh each by its rows
+                whole = min(recipe.batch_size, len(data.train) - batch_index * recipe.batch_size)
+                scaler.scale(loss * (n * world / whole)).backward()
+            else:
+                scaler.scale(loss).backward()
             scaler.step(optimizer)
             scaler.update()
             logits = logits.detach()
-            n = len(labels)
             seen += n
             values = torch.stack([loss.detach(), *(term.detach() for term in terms.values())]).float()
             loss_sums = values * n if loss_sums is None else loss_sums.add_(values, alpha=n)
@@ -204,11 +227,18 @@ def fit(
         distiller.cached_source_logits = distiller.sample_index = None
         lr = optimizer.param_groups[0]["lr"]
         scheduler.step()
+        if data_parallel is not None:  # every rank's sums: the epoch's metrics over the whole batch
+            totals = data_parallel.sum(torch.cat([loss_sums.double(), correct.double().view(1),
+                                                  torch.tensor([seen], dtype=torch.float64, device=device)]))
+            loss_sums, correct, seen = totals[:-2], totals[-2], int(totals[-1].item())
         names = ["train_loss", *(f"train_loss_{name}" for name in terms)]
         metrics = {name: total / seen for name, total in zip(names, loss_sums.tolist(), strict=True)}
         metrics.update({name: total / seen for name, total in extra_sums.items()})
         if not math.isfinite(metrics["train_loss"]):
             raise NonFiniteLossError(f"training loss is {metrics['train_loss']} at epoch {epoch}")
+        if not evaluates:
+            metrics.update(train_acc=correct.item() / seen, lr=lr, epoch_time=time.perf_counter() - started)
+            continue
         val_loss, val_acc = evaluate(deployable, data.val)
         if val_acc > best["val_acc"] or (val_acc == best["val_acc"] and val_loss < best["val_loss"]):
             best = {"epoch": epoch, "val_acc": val_acc, "val_loss": val_loss,
@@ -233,6 +263,8 @@ def fit(
         if callback is not None:
             callback(EpochReport(epoch, dict(metrics), is_last, state))
 
+    if not evaluates:
+        return FitResult(0, metrics, {}, recipe.epochs - start_epoch)
     if best["state"] is None:  # resumed after the last epoch
         best["state"] = _copied(deployable.state_dict())
     return FitResult(int(best["epoch"]), metrics, best["state"], recipe.epochs - start_epoch)

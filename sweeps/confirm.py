@@ -78,7 +78,7 @@ def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed:
 def retrain_task(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
                  device: str) -> dict[str, float]:
     """`retrain` in a Ray task."""
-    worker_setup(context.spec, context.spec.sweep.cpus_per_trial)
+    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
     return retrain(context, trial_id, sampled, seed, device)
 
 

@@ -59,18 +59,21 @@ class Source:
 
 
 def task_options(settings: SweepSettings) -> dict[str, float]:
-    """The Ray resources of one trial, stage or task (`ray.remote(...).options(**...)`): the CPUs
-    and GPUs the spec names, so GPU work is placed on GPU nodes and limited per GPU."""
-    return {"num_cpus": settings.cpus_per_trial, "num_gpus": settings.gpus_per_trial}
+    """The Ray resources of one stage or task that trains on one device (`ray.remote(...).options
+    (**...)`): one worker's CPUs and GPUs (a whole trial's when it has one worker), so GPU work
+    is placed on GPU nodes and limited per GPU."""
+    worker = settings.resources_per_worker
+    return {"num_cpus": worker["CPU"], "num_gpus": worker.get("GPU", 0.0)}
 
 
 def trial_resources(settings: SweepSettings) -> Any:
-    """A trial's placement request (`tune.with_resources`): one bundle with its CPUs and GPUs, a
-    `tune.PlacementGroupFactory`. Stages a trial trains run inside it, on these resources."""
+    """A trial's placement request (`tune.with_resources`): one bundle per worker (data-parallel
+    rank), each with its share of the trial's CPUs and GPUs, a `tune.PlacementGroupFactory`
+    (PACK: on as few nodes as fit). The trial's own actor is rank 0, in the first bundle;
+    stages a trial trains run there, on its resources."""
     from ray import tune  # the command line imports Ray only once its token is set (cluster.session)
 
-    bundle = {"CPU": settings.cpus_per_trial, **({"GPU": settings.gpus_per_trial} if settings.gpus_per_trial else {})}
-    return tune.PlacementGroupFactory([bundle])
+    return tune.PlacementGroupFactory([dict(settings.resources_per_worker)] * settings.workers_per_trial)
 
 
 def worker_setup(spec: SweepSpec, cpus: float | None) -> None:
@@ -240,7 +243,7 @@ def build_distiller(plan: TrialPlan, data: Dataset, seed: int, sources: list[Sou
 
 def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
     """`resolve_stage` for a Ray task: returns only the (picklable) record."""
-    worker_setup(context.spec, context.spec.sweep.cpus_per_trial)
+    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
     return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record
 
 

@@ -82,23 +82,30 @@ def check_local_resources(settings: SweepSettings) -> None:
 
 
 def check_cluster_resources(settings: SweepSettings) -> None:
-    """Each trial's CPUs and GPUs fit on one live node of the Ray cluster this process is
-    connected to (a trial runs on one node; otherwise it would wait forever). Call it right
-    after connecting, before anything is written."""
+    """Each worker's CPUs and GPUs fit on one live node of the Ray cluster this process is
+    connected to (a worker runs on one node), and a whole trial's fit the cluster (otherwise it
+    would wait forever). Call it right after connecting, before anything is written."""
     import ray  # only here: the other checks run before Ray is imported
 
     nodes = [node.get("Resources", {}) for node in ray.nodes() if node.get("Alive")]
     total = ray.cluster_resources()
+    workers = settings.workers_per_trial
     for field, key, asked in (("cpus_per_trial", "CPU", settings.cpus_per_trial),
                               ("gpus_per_trial", "GPU", settings.gpus_per_trial)):
         largest = max((float(node.get(key, 0)) for node in nodes), default=0.0)
-        if asked > largest:
+        cluster = f"the cluster: {float(total.get(key, 0)):g} {key}s on {len(nodes)} nodes"
+        if asked / workers > largest:
             has = f"the largest node of the Ray cluster has {largest:g}" if largest else \
                 f"no node of the Ray cluster has {key}s"
+            per = f"{asked:g} {key}s per trial" if workers == 1 else \
+                f"{asked / workers:g} {key}s per worker ({asked:g} per trial on {workers} workers)"
             raise PreflightError(
-                f"sweep.{field}: {asked:g} {key}s per trial, but {has} (the cluster: {float(total.get(key, 0)):g} "
-                f"{key}s on {len(nodes)} nodes): no trial could start; set sweep.{field} to at most {largest:g}, "
-                f"or add nodes with more {key}s")
+                f"sweep.{field}: {per}, but {has} ({cluster}): no trial could start; set sweep.{field} to at "
+                f"most {largest * workers:g}, or add nodes with more {key}s")
+        if asked > float(total.get(key, 0)):
+            raise PreflightError(
+                f"sweep.{field}: {asked:g} {key}s per trial ({workers} workers), but {cluster}: no trial could "
+                f"start; lower sweep.{field} or sweep.workers_per_trial, or add nodes")
 
 
 def check_experiment(tracker: Tracker, name: str) -> None:

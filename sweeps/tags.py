@@ -37,6 +37,7 @@ RERUN_OF = PREFIX + "rerun_of"  # a trial run taken over from a Tune trial lost 
 STAGE_KEY = PREFIX + "stage_key"  # stage runs: the stage's hash key
 CONFIRM_KEY = PREFIX + "confirm_key"  # confirmation runs: "<trial id>/seed<seed>"
 NODE_IP = PREFIX + "node_ip"  # the Ray node a trial ran on (updated when a retry moves it)
+WORKER_IPS = PREFIX + "worker_ips"  # every data-parallel rank's node, rank 0 first (workers_per_trial > 1)
 TEACHER_CACHE = PREFIX + "teacher_cache"  # on | off
 
 # Registered model versions (besides SWEEP): what the champion rule compares, what pinning checks.

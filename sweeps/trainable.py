@@ -1,5 +1,8 @@
 """The Tune function trainable: resolve the trial's plan and sources, train, report per epoch.
 
+With `sweep.workers_per_trial` > 1 the trial's actor is rank 0 of a DDP group whose other
+ranks it starts (`sweeps.data_parallel`); it alone logs, checkpoints and reports.
+
 One `tune.report` per epoch with a checkpoint, made while the next epoch trains
 (`sweeps.reporting.EpochReporter`); a restarted trial resumes from
 `tune.get_checkpoint()` and reopens its MLflow child run by trial id (`child_run`).
@@ -19,6 +22,7 @@ from ray import tune
 from kd_core.cost import LatencyProtocol, measure_costs
 from kd_core.train import fit, load_checkpoint
 from sweeps import tags
+from sweeps.data_parallel import workers
 from sweeps.interrupts import interruption
 from sweeps.pipeline import (
     SweepContext,
@@ -40,12 +44,14 @@ from sweeps.tracking import Tracker, child_run
 
 def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
     """The MLflow params of a trial run, named by their spec paths where they have one (`method.T`,
-    `student.args.width`, `recipe.lr`): method, every method param, arch, recipe, data, seed."""
+    `student.args.width`, `recipe.lr`): method, every method param, arch, recipe, data, seed (and
+    the workers of a data-parallel trial)."""
     arch = arch_params("arch", plan.student_arch)
     return {"method": plan.method, **{f"method.{k}": v for k, v in plan.param_dict().items()},
             "arch": arch["arch"], **{f"student.args.{k}": v for k, v in plan.student_arch.get("args", {}).items()},
             **recipe_params(plan.recipe), "data": spec.data.name, "seed": spec.sweep.seed,
-            **({"teacher": spec.teacher.arch.label()} if spec.teacher else {})}
+            **({"teacher": spec.teacher.arch.label()} if spec.teacher else {}),
+            **({"workers_per_trial": spec.sweep.workers_per_trial} if spec.sweep.workers_per_trial > 1 else {})}
 
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
@@ -53,7 +59,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
     times = PhaseTimes()  # logged as the run's time_* metrics: where a trial's time goes
     times.add("actor_start", process_start_seconds())
     with times.phase("setup"):
-        worker_setup(spec, spec.sweep.cpus_per_trial)
+        worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
         tracker = Tracker(context.tracking_uri)
         trial_id = tune.get_context().get_trial_id()
         plan = resolve_trial(spec, config)
@@ -85,9 +91,14 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         if checkpoint is not None:
             with times.phase("resume"), checkpoint.as_directory() as directory:
                 resume = load_checkpoint(directory)
+        node_ips = [ray.util.get_node_ip_address()]
         try:
-            with EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
-                fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume, **options)
+            with workers(context, config, resume, node_ips) as parallel, \
+                    EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
+                if parallel is not None:
+                    run.set_tags({tags.WORKER_IPS: ",".join(node_ips)})
+                fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
+                    data_parallel=parallel, **options)
         finally:
             # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
             with contextlib.suppress(MlflowException):

@@ -9,6 +9,7 @@ from typing import Any
 from kd_core.checkpoints import CheckpointError, load_weights, read_state_dict
 from kd_core.data import DATASETS
 from kd_core.distillers import DISTILLERS, Distiller
+from kd_core.distributed import check_data_parallel
 from kd_core.models import build_model
 from sweeps.sources import source_plan
 from sweeps.spec.coerce import dataclass_from_dict
@@ -29,6 +30,7 @@ def check_spec(spec: SweepSpec) -> None:
     check_sources(spec)
     check_initial_points(spec)
     check_pretrained(spec)
+    check_workers(spec)
 
 
 MAX_RECIPE_PROBES = 256  # combinations of searched recipe extremes built; beyond, each extreme alone
@@ -84,6 +86,26 @@ def check_recipes(spec: SweepSpec) -> None:
         except ValueError as error:
             at = ", ".join(f"{path}={value!r}" for path, value in point.items())
             raise ValueError(f"search: the recipe with {at} is invalid: {error}") from None
+
+
+def check_workers(spec: SweepSpec) -> None:
+    """With `sweep.workers_per_trial` > 1, every candidate method can train data-parallel and
+    every batch size the search allows gives each worker rows of a batch."""
+    workers = spec.sweep.workers_per_trial
+    if workers == 1:
+        return
+    for method in spec.candidate_methods():
+        try:
+            check_data_parallel(DISTILLERS.get(method))
+        except ValueError as error:
+            raise ValueError(f"sweep.workers_per_trial {workers}: {error}; train it with one worker per trial") \
+                from None
+    searched = spec.search.get("recipe.batch_size")
+    smallest = min(_probe_values(searched)) if searched is not None else spec.recipe.build().batch_size
+    if smallest < workers:
+        where = "search.recipe.batch_size" if searched is not None else "recipe.batch_size"
+        raise ValueError(f"sweep.workers_per_trial {workers}: {where} allows batches of {smallest} images, "
+                         "fewer than the workers that share each batch")
 
 
 def check_method_choices(spec: SweepSpec) -> None:

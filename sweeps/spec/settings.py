@@ -14,6 +14,7 @@ MAX_TRIALS = 100_000
 MAX_CONCURRENT = 1_024
 MAX_CPUS_PER_TRIAL = 1_024
 MAX_GPUS_PER_TRIAL = 64
+MAX_WORKERS_PER_TRIAL = 256
 MAX_EPOCH_COUNT = 100_000  # grace_period (epochs)
 MAX_RETRIES = 1_000  # max_failures, confirmation top_k and seeds, startup trials, bank views
 MAX_TIME_BUDGET_S = 366 * 86_400  # sweep.time_budget: a year; more is a typo
@@ -105,6 +106,9 @@ class SweepSettings(Strict):
     max_concurrent: count(1, MAX_CONCURRENT) = 2
     cpus_per_trial: float = Field(1.0, gt=0, le=MAX_CPUS_PER_TRIAL)
     gpus_per_trial: float = Field(0.0, ge=0, le=MAX_GPUS_PER_TRIAL)  # > 0 trains on CUDA; fractions share a GPU
+    #: Data-parallel workers (DDP ranks) per trial; the trial's CPUs and GPUs are shared equally
+    #: among them (`resources_per_worker`), e.g. 2 GPUs per trial on 2 workers: one GPU each.
+    workers_per_trial: count(1, MAX_WORKERS_PER_TRIAL) = 1
     #: CUDA only (CPU trials train in float32 whatever is set here).
     precision: Literal["float32", "bfloat16", "float16"] = "float32"
     channels_last: bool = False
@@ -131,6 +135,13 @@ class SweepSettings(Strict):
         return "cuda" if self.gpus_per_trial > 0 else "cpu"
 
     @property
+    def resources_per_worker(self) -> dict[str, float]:
+        """One worker's Ray resources, `{"CPU": c, "GPU": g}` (GPU only when > 0): the trial's
+        `cpus_per_trial` and `gpus_per_trial` divided by `workers_per_trial`."""
+        cpus, gpus = self.cpus_per_trial / self.workers_per_trial, self.gpus_per_trial / self.workers_per_trial
+        return {"CPU": cpus, **({"GPU": gpus} if gpus else {})}
+
+    @property
     def cost(self) -> str | None:
         """The cost objective of a multi-objective sweep, else None."""
         return self.objectives[1] if len(self.objectives) > 1 else None
@@ -142,6 +153,17 @@ class SweepSettings(Strict):
         if value > 1 and not float(value).is_integer():
             raise ValueError(f"more than 1 must be a whole number (Ray shares only single units), got {value}")
         return value
+
+    @model_validator(mode="after")
+    def _worker_shares(self) -> SweepSettings:
+        for key, share in self.resources_per_worker.items():
+            if share > 1 and not share.is_integer():
+                field = "cpus_per_trial" if key == "CPU" else "gpus_per_trial"
+                raise ValueError(
+                    f"{field} {getattr(self, field):g} on {self.workers_per_trial} workers_per_trial gives each worker "
+                    f"{share:g} {key}s: more than 1 must be a whole number (Ray shares only single units); "
+                    f"make {field} a multiple of workers_per_trial")
+        return self
 
     @model_validator(mode="after")
     def _objectives(self) -> SweepSettings:
