@@ -9,8 +9,11 @@ same distiller, load the same checkpoint and train on their rows of each batch
 
 A rank whose process or node dies closes its connections: the others' next collective fails,
 the trial fails, and Tune retries it (`sweep.max_failures`) from its last checkpoint on a new
-placement group. The ranks are owned by the trial's actor, so they die with it, and rank 0
-kills them when the trial ends however it ends (a stopped trial's ranks wait in a collective).
+placement group. The ranks are owned by the trial's actor, so they die with it. Tune reuses a
+trial's actor (and its placement group) for the next trial: the ranks of a trial that ended
+are kept for it too (started once, data and sources loaded once). Those of a trial that failed
+or was stopped are killed: they may wait in a collective, and Tune gives a stopped trial's
+thread 2 s to end before it reuses the actor (TUNE_FUNCTION_THREAD_TIMEOUT_S).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ LOG = logging.getLogger("kdsweep")
 #: Seconds rank 0 waits for the other ranks' actors to start (a new Ray worker imports torch,
 #: MLflow and Ray Tune: 8-11 s on 2 cores) before it fails the trial.
 START_TIMEOUT_S = 300.0
+_ranks: dict[str, list[Any]] = {}  # per process: a reused trial actor's ranks, by placement group id
 
 
 class TrialRank:
@@ -78,9 +82,9 @@ def workers(context: SweepContext, config: dict[str, Any], resume: dict[str, Any
             node_ips: list[str]) -> Iterator[DataParallel | None]:
     """Inside a trial: start ranks 1..N-1 in the trial's placement group, join them as rank 0
     and yield this rank's `DataParallel` (None with one worker: nothing is started). Appends
-    every rank's node address to `node_ips`. On leaving, waits for the ranks to end (raising the
-    first error a rank raised, which is why rank 0 failed) or, when the trial itself failed or
-    was stopped, kills them."""
+    every rank's node address to `node_ips`. On leaving, waits for the ranks to end and keeps them
+    for this actor's next trial; when the trial failed or was stopped, kills them (raising, for a
+    failure, the error a rank raised first: why rank 0's collective broke)."""
     settings = context.spec.sweep
     world = settings.workers_per_trial
     if world == 1:
@@ -89,15 +93,12 @@ def workers(context: SweepContext, config: dict[str, Any], resume: dict[str, Any
     group = get_current_placement_group()
     if group is None:
         raise RuntimeError("a trial on several workers must run in its placement group (Tune's trial actor)")
-    worker = settings.resources_per_worker
-    ranks = [
-        ray.remote(TrialRank).options(
-            num_cpus=worker["CPU"], num_gpus=worker.get("GPU", 0.0), max_restarts=0,
-            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
-        ).remote()
-        for rank in range(1, world)
-    ]
+    key = group.id.hex()
+    for stale in [k for k in _ranks if k != key]:  # another placement group's: Tune moved this actor
+        _kill(_ranks.pop(stale))
+    ranks = _ranks.pop(key, None) or _start(settings.resources_per_worker, group, world)
     training: list[ray.ObjectRef] = []
+    reusable = False
     try:
         node_ips += ray.get([r.node_ip.remote() for r in ranks], timeout=START_TIMEOUT_S)
         address = _listen_address()
@@ -106,16 +107,35 @@ def workers(context: SweepContext, config: dict[str, Any], resume: dict[str, Any
                     for rank, r in enumerate(ranks, 1)]
         try:
             yield join(0, world, address, settings.device)
-        except Exception:  # not a stop (SystemExit): its ranks wait in a collective until killed
+        except Exception:
             _raise_rank_error(training)  # a rank's own error explains rank 0's broken collective
             raise
         finally:
             with contextlib.suppress(Exception):
                 leave()
         ray.get(training, timeout=START_TIMEOUT_S)  # the ranks end with rank 0's last collective
+        reusable = True
     finally:
-        for rank in ranks:
-            ray.kill(rank, no_restart=True)
+        if reusable:
+            _ranks[key] = ranks
+        else:
+            _kill(ranks)
+
+
+def _start(worker: dict[str, float], group: Any, world: int) -> list[Any]:
+    """Ranks 1..world-1 as actors in bundles 1..world-1 of `group`, each with `worker`'s resources."""
+    return [
+        ray.remote(TrialRank).options(
+            num_cpus=worker["CPU"], num_gpus=worker.get("GPU", 0.0), max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
+        ).remote()
+        for rank in range(1, world)
+    ]
+
+
+def _kill(ranks: list[Any]) -> None:
+    for rank in ranks:
+        ray.kill(rank, no_restart=True)
 
 
 def _raise_rank_error(training: list[ray.ObjectRef]) -> None:

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -58,6 +59,22 @@ def sweep_spec(name: str, trials: int, epochs: int = EPOCHS, max_failures: int =
 def kdsweep(*args: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "sweeps.cli", *args], cwd=cwd, env=CLEAN_ENV,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def submit_and_kill_a_node(args: list[str], cwd: Path, cluster_dir: Path,
+                           victim: Callable[[], str]) -> subprocess.CompletedProcess:
+    """`kdsweep submit ARGS` as a user runs it (it waits for the job and streams its logs); the
+    worker node whose address `victim()` returns (once it returns) is SIGKILLed meanwhile."""
+    submit = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "submit", *args], cwd=cwd, env=CLEAN_ENV,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert local.kill_node(cluster_dir, victim())  # SIGKILL: raylet, its workers, their trials
+        stdout, stderr = submit.communicate(timeout=450)
+    finally:
+        if submit.poll() is None:
+            os.killpg(submit.pid, signal.SIGKILL)
+            submit.wait(timeout=30)
+    return subprocess.CompletedProcess(submit.args, submit.returncode, stdout, stderr)
 
 
 def cli(*args: str) -> Result:
@@ -177,21 +194,16 @@ def test_submitted_sweep_spreads_over_nodes_and_survives_a_worker_node_dying(clu
 
     trials = 3
     (cluster.work / "failover.yaml").write_text(yaml.safe_dump(sweep_spec("failover", trials, max_failures=3)))
-    submit = subprocess.Popen(  # waits for the job and streams its logs, as a user runs it
-        [sys.executable, "-m", "sweeps.cli", "submit", "failover.yaml", "--cluster-dir", str(cluster.dir),
-         "--name", "failover", "--set", "tracking.registered_model=failover_set"],
-        cwd=cluster.work, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True)
-    try:
-        victim_ip, victim = _first_trial_on_a_worker(cluster.tracker, "failover", timeout=300)
-        killed = local.kill_node(cluster.dir, victim_ip)  # SIGKILL: raylet, its workers, the trial
-        assert killed
-        stdout, stderr = submit.communicate(timeout=450)
-    finally:
-        if submit.poll() is None:
-            os.killpg(submit.pid, signal.SIGKILL)
-            submit.wait(timeout=30)
-    done = subprocess.CompletedProcess(submit.args, submit.returncode, stdout, stderr)
+    found: list[tuple[str, str]] = []
+
+    def victim_node() -> str:
+        found.append(_first_trial_on_a_worker(cluster.tracker, "failover", timeout=300))
+        return found[0][0]
+
+    done = submit_and_kill_a_node(["failover.yaml", "--cluster-dir", str(cluster.dir), "--name", "failover",
+                                   "--set", "tracking.registered_model=failover_set"],
+                                  cluster.work, cluster.dir, victim_node)
+    ((victim_ip, victim),) = found
     assert done.returncode == 0, output(done)
     assert "job failover: SUCCEEDED" in done.stderr
     assert "best vs CE-only student" in done.stdout  # the job's logs, streamed

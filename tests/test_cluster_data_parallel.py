@@ -6,10 +6,6 @@ as a Ray job; once a trial has logged two epochs, the node of one of its ranks i
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,12 +19,13 @@ from sweeps.pipeline import build_distiller, load_dataset
 from sweeps.space import resolve_trial
 from sweeps.spec import load_spec
 from sweeps.tracking import Tracker
-from tests.test_cluster import CLEAN_ENV, output
+from tests.test_cluster import output, submit_and_kill_a_node
 from tests.test_data_parallel import TOLERANCE
 
 WORKERS = ("127.0.0.3", "127.0.0.4", "127.0.0.5")
 EPOCHS = 16  # ~15 s a trial: the kill lands mid-trial
-TRIALS = 2
+TRIALS = 3
+SLOW_LR = 0.001  # the second trial's: ASHA stops it at its first rung
 #: A student and learning rates whose first epoch is not chaotic (wider, deeper students or
 #: higher rates turn rounding differences into percent differences within an epoch).
 SPEC = {
@@ -36,9 +33,13 @@ SPEC = {
     "student": {"arch": {"name": "convnet_gn", "args": {"width": 16, "depth": 1}}},
     "method": {"name": "ce"},
     "recipe": {"name": "digits", "epochs": EPOCHS},
-    "search": {"recipe.lr": {"low": 0.015, "high": 0.025, "log": True}},
+    "search": {"recipe.lr": {"low": SLOW_LR, "high": 0.025, "log": True}},
+    # The first trial is killed and resumed; the second reuses its actor and ranks and is stopped
+    # by ASHA (its ranks killed mid-collective); the third starts new ranks.
     "sweep": {"num_trials": TRIALS, "max_concurrent": 1, "cpus_per_trial": 2, "workers_per_trial": 2,
-              "max_failures": 2, "scheduler": {"type": "none"}, "sampler": {"type": "random", "seed": 0}},
+              "max_failures": 2, "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+              "sampler": {"type": "random", "seed": 0},
+              "initial_points": [{"recipe.lr": 0.02}, {"recipe.lr": SLOW_LR}]},
     "tracking": {"experiment": "ddp", "registered_model": "ddp_student"},
 }
 
@@ -87,22 +88,19 @@ def _single_process_epochs(storage: Path, trial_dir: Path, epochs: int) -> list[
 def test_two_worker_trials_log_once_match_one_process_and_survive_a_rank_node_dying(cluster, tmp_path) -> None:
     work = tmp_path
     (work / "ddp.yaml").write_text(yaml.safe_dump(SPEC))
-    submit = subprocess.Popen(
-        [sys.executable, "-m", "sweeps.cli", "submit", "ddp.yaml", "--cluster-dir", cluster.directory,
-         "--name", "ddp"],
-        cwd=work, env=CLEAN_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     tracker = Tracker(cluster.tracking_uri)
-    try:
+    found: list[tuple[str, str]] = []
+
+    def rank_node() -> str:
+        """The node of rank 1 of the first trial that logged two epochs (rank 0's if rank 1 is on the head)."""
         victim, ips = _trial_on_two_nodes(tracker, timeout=300)
         assert len(ips) == 2 and len(set(ips)) == 2, ips  # one CPU per node: two nodes
-        rank_node = ips[1] if ips[1] in WORKERS else ips[0]  # rank 1's node when it is not the head
-        assert local.kill_node(Path(cluster.directory), rank_node)
-        stdout, stderr = submit.communicate(timeout=450)
-    finally:
-        if submit.poll() is None:
-            os.killpg(submit.pid, signal.SIGKILL)
-            submit.wait(timeout=30)
-    done = subprocess.CompletedProcess(submit.args, submit.returncode, stdout, stderr)
+        found.append((victim, ips[1] if ips[1] in WORKERS else ips[0]))
+        return found[0][1]
+
+    done = submit_and_kill_a_node(["ddp.yaml", "--cluster-dir", cluster.directory, "--name", "ddp"], work,
+                                  Path(cluster.directory), rank_node)
+    ((victim, killed_node),) = found
     assert done.returncode == 0, output(done)
     assert "job ddp: SUCCEEDED" in done.stderr
 
@@ -111,17 +109,19 @@ def test_two_worker_trials_log_once_match_one_process_and_survive_a_rank_node_dy
     runs = tracker.children(parent.info.run_id, "trial")
     assert len(runs) == TRIALS  # one MLflow run per trial, not one per rank, and none per retry
     for run in runs:
-        assert run.info.status == "FINISHED"
         assert run.data.params["workers_per_trial"] == "2"
         steps = [m.step for m in tracker.client.get_metric_history(run.info.run_id, "val_acc")]
-        assert steps == list(range(1, EPOCHS + 1))  # the retry logged no epoch twice
+        assert steps == list(range(1, len(steps) + 1))  # the retry logged no epoch twice
+        assert (run.info.status == "FINISHED") == (len(steps) == EPOCHS), (run.info.status, steps)
+    (slow,) = [r for r in runs if float(r.data.params["recipe.lr"]) == SLOW_LR]
+    assert len(tracker.client.get_metric_history(slow.info.run_id, "val_acc")) < EPOCHS  # stopped by ASHA
 
     storage = Path(cluster.storage)
     (trial_dir,) = (storage / "ddp").glob(f"train_trial_{victim}_*")
     assert "Failure # 1" in (trial_dir / "error.txt").read_text()  # the rank's death failed the trial
     results = [json.loads(line) for line in (trial_dir / "result.json").read_text().splitlines()]
     assert [r["training_iteration"] for r in results] == list(range(1, EPOCHS + 1))  # resumed, not restarted
-    assert rank_node not in {r["node_ip"] for r in results[-2:]}
+    assert killed_node not in {r["node_ip"] for r in results[-2:]}
 
     # The same trial on one process: the first epoch equal within TOLERANCE. Later epochs drift
     # apart as any two orders of summation do: training amplifies rounding differences (here

@@ -12,6 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 from cluster.processes import port_block
+from kd_core.cache import build_cache
 from kd_core.data import DATASETS
 from kd_core.distillers import DISTILLERS, Distiller
 from kd_core.distributed import DataParallel, check_data_parallel, join, leave
@@ -40,36 +41,45 @@ def _distiller(method: str, norm: str) -> Distiller:
     return cls(student, teacher, cls.make_params({"w_ce": 1.0} if method == "kd" else {}))
 
 
-def _train(method: str, norm: str, batch_size: int, parallel: DataParallel | None) -> tuple[list[dict], dict]:
+def _train(method: str, norm: str, batch_size: int, parallel: DataParallel | None,
+           cache: str | None = None) -> tuple[list[dict], dict]:
+    """Per-epoch metrics and the student's final weights; `cache`: a folder for the teacher's
+    logits (kd_core.cache), shared by the ranks (filled once, under its lock)."""
     torch.set_num_threads(1)
     data = DATASETS.get("digits")()
     reports: list[EpochReport] = []
     distiller = _distiller(method, norm)
     recipe = build_recipe("digits", {"epochs": EPOCHS, "batch_size": batch_size})
-    fit(distiller, data, recipe, seed=3, callback=reports.append, data_parallel=parallel)
+    source_cache = build_cache(cache, [("teacher", distiller.sources[0])], "digits", data.train) if cache else None
+    fit(distiller, data, recipe, seed=3, callback=reports.append, data_parallel=parallel, source_cache=source_cache)
     return [r.metrics for r in reports], {k: v.tolist() for k, v in distiller.student.state_dict().items()}
 
 
-def _rank(rank: int, world: int, address: str, method: str, norm: str, batch_size: int, out: str) -> None:
+def _rank(rank: int, world: int, address: str, method: str, norm: str, batch_size: int, out: str,
+          cache: str | None) -> None:
     parallel = join(rank, world, address, "cpu")
     try:
-        metrics, state = _train(method, norm, batch_size, parallel)
+        metrics, state = _train(method, norm, batch_size, parallel, cache)
     finally:
         leave()
     Path(out, f"rank{rank}.json").write_text(json.dumps({"metrics": metrics, "state": state}))
 
 
-def _data_parallel(tmp_path: Path, method: str, norm: str, batch_size: int, world: int = 2) -> list[dict]:
+def _data_parallel(tmp_path: Path, method: str, norm: str, batch_size: int, world: int = 2,
+                   cache: str | None = None) -> list[dict]:
     address = f"tcp://127.0.0.1:{port_block(1)}"
-    mp.start_processes(_rank, args=(world, address, method, norm, batch_size, str(tmp_path)), nprocs=world,
+    mp.start_processes(_rank, args=(world, address, method, norm, batch_size, str(tmp_path), cache), nprocs=world,
                        start_method="spawn", join=True)
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
 
 
-@pytest.mark.parametrize(("method", "batch_size"), [("ce", 64), ("kd", 50)], ids=["ce", "kd-uneven-last-batch"])
-def test_two_ranks_train_as_one_process(tmp_path, method, batch_size) -> None:
-    ranks = _data_parallel(tmp_path, method, "group", batch_size)
-    alone, alone_state = _train(method, "group", batch_size, None)
+@pytest.mark.parametrize(("method", "batch_size", "cached"), [("ce", 64, False), ("kd", 50, False), ("kd", 64, True)],
+                         ids=["ce", "kd-uneven-last-batch", "kd-teacher-cache"])
+def test_two_ranks_train_as_one_process(tmp_path, method, batch_size, cached) -> None:
+    ranks = _data_parallel(tmp_path, method, "group", batch_size, cache=str(tmp_path / "ranks") if cached else None)
+    alone, alone_state = _train(method, "group", batch_size, None, str(tmp_path / "alone") if cached else None)
+    if cached:  # one file of teacher logits, filled under its lock by whichever rank came first
+        assert len(list((tmp_path / "ranks").rglob("*.pt"))) == len(list((tmp_path / "alone").rglob("*.pt"))) == 1
     assert ranks[1]["metrics"] == []  # only rank 0 reports
     together = ranks[0]["metrics"]
     assert len(together) == len(alone) == EPOCHS
@@ -114,8 +124,9 @@ def test_a_batch_too_small_to_share_is_refused() -> None:
                                      "several workers: it keeps per-sample state"),
     ({"workers_per_trial": 2, "cpus_per_trial": 3}, "kd", "cpus_per_trial 3 on 2 workers_per_trial gives each "
                                                           "worker 1.5 CPUs"),
+    ({"workers_per_trial": 2, "gpus_per_trial": 1}, "kd", "gives each worker 0.5 GPUs: NCCL runs one rank per GPU"),
     ({"workers_per_trial": 0}, "kd", "workers_per_trial"),
-], ids=["method with per-sample state", "uneven CPU share", "no worker"])
+], ids=["method with per-sample state", "uneven CPU share", "GPU fraction", "no worker"])
 def test_specs_with_workers_that_cannot_train_are_refused(spec_dict, sweep, method, message) -> None:
     spec_dict["sweep"] = sweep
     spec_dict["method"] = {"name": method}
@@ -126,8 +137,8 @@ def test_specs_with_workers_that_cannot_train_are_refused(spec_dict, sweep, meth
 
 
 def test_a_trial_holds_one_bundle_per_worker_with_its_share(spec_dict) -> None:
-    spec_dict["sweep"] = {"workers_per_trial": 2, "cpus_per_trial": 2, "gpus_per_trial": 1}
+    spec_dict["sweep"] = {"workers_per_trial": 2, "cpus_per_trial": 4, "gpus_per_trial": 2}
     settings = parse_spec(spec_dict).sweep
-    assert settings.resources_per_worker == {"CPU": 1.0, "GPU": 0.5}
-    assert trial_resources(settings).bundles == [{"CPU": 1.0, "GPU": 0.5}] * 2
-    assert task_options(settings) == {"num_cpus": 1.0, "num_gpus": 0.5}  # stages train on one worker's share
+    assert settings.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
+    assert trial_resources(settings).bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2
+    assert task_options(settings) == {"num_cpus": 2.0, "num_gpus": 1.0}  # stages train on one worker's share

@@ -156,6 +156,12 @@ class SweepSettings(Strict):
 
     @model_validator(mode="after")
     def _worker_shares(self) -> SweepSettings:
+        gpus = self.resources_per_worker.get("GPU", 0.0)
+        if self.workers_per_trial > 1 and gpus and not (gpus >= 1 and gpus.is_integer()):
+            raise ValueError(
+                f"gpus_per_trial {self.gpus_per_trial:g} on {self.workers_per_trial} workers_per_trial gives each "
+                f"worker {gpus:g} GPUs: NCCL runs one rank per GPU, so each worker needs whole GPUs; make "
+                "gpus_per_trial a multiple of workers_per_trial")
         for key, share in self.resources_per_worker.items():
             if share > 1 and not share.is_integer():
                 field = "cpus_per_trial" if key == "CPU" else "gpus_per_trial"
