@@ -1,10 +1,10 @@
 """Speed-up of a trial on 2 data-parallel workers (DDP, `sweep.workers_per_trial: 2`) over 1.
 
 The same `fit` (CE-only student, generated CIFAR-sized data with crop+flip, the same global
-batches) runs three ways, measured in this run: one process with 1 thread (a 1-worker trial
-with `cpus_per_trial: 1`), 2 DDP ranks of 1 thread each (gloo; a 2-worker trial with
-`cpus_per_trial: 2`), and, for reference, one process with 2 threads (a 1-worker trial with
-`cpus_per_trial: 2`). The figure is the median training epoch time (`epoch_time`: train + rank
+batches) runs three ways, measured in this run: one process with T threads (`--threads`,
+default 1: a 1-worker trial with `cpus_per_trial: 1`), 2 DDP ranks of T threads each (gloo; a
+2-worker trial with `cpus_per_trial: 2`), and, for reference, one process with 2T threads (a
+1-worker trial with `cpus_per_trial: 2`). The figure is the median training epoch time (`epoch_time`: train + rank
 0's val) after one warm-up epoch; the ratios are the speed-ups. With `--device cuda`, each rank
 takes one GPU (NCCL) and the one-process runs take the first.
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.multiprocessing as mp
-from common import environment, generated_cifar, write_json
+from common import environment, generated_cifar, training_parser, write_json
 
 from cluster.processes import port_block
 from kd_core.distillers import DISTILLERS
@@ -47,7 +47,8 @@ def epoch_seconds(args: argparse.Namespace, threads: int, rank: int = 0, world: 
         distiller = ce(build_model(args.model, args.classes, 3), [], ce.make_params()).to(device)
         reports: list[EpochReport] = []
         recipe = Recipe(epochs=args.epochs + 1, batch_size=args.batch_size, lr=0.05)
-        fit(distiller, data, recipe, callback=reports.append, data_parallel=parallel)
+        fit(distiller, data, recipe, callback=reports.append, data_parallel=parallel,
+            channels_last=args.channels_last)
     finally:
         if parallel is not None:
             leave()
@@ -55,7 +56,7 @@ def epoch_seconds(args: argparse.Namespace, threads: int, rank: int = 0, world: 
 
 
 def _rank(rank: int, args: argparse.Namespace, world: int, init_method: str, out: str) -> None:
-    seconds = epoch_seconds(args, 1, rank, world, init_method)
+    seconds = epoch_seconds(args, args.threads, rank, world, init_method)
     if rank == 0:
         Path(out).write_text(json.dumps(seconds))
 
@@ -69,25 +70,22 @@ def data_parallel_seconds(args: argparse.Namespace, world: int) -> list[float]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--train", type=int, default=4000, help="training images")
-    parser.add_argument("--classes", type=int, default=100)
+    parser = training_parser(__doc__, train=4000, epochs=3)
     parser.add_argument("--model", default="resnet8")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=3, help="timed epochs (after one warm-up epoch)")
-    parser.add_argument("--json", help="where to write the record (default benchmarks/results/)")
+    parser.set_defaults(batch_size=128, threads=1)  # --threads: each worker's
     args = parser.parse_args()
 
-    one = statistics.median(epoch_seconds(args, 1))
+    threads = args.threads
+    one = statistics.median(epoch_seconds(args, threads))
     two_workers = statistics.median(data_parallel_seconds(args, 2))
-    two_threads = statistics.median(epoch_seconds(args, 2)) if args.device == "cpu" else None
+    two_threads = statistics.median(epoch_seconds(args, 2 * threads)) if args.device == "cpu" else None
     print(f"{args.model}, {args.train} generated CIFAR images, batch {args.batch_size}, {args.device}")
-    print(f"  1 worker, 1 thread:      {one:7.2f} s/epoch")
-    print(f"  2 workers (DDP), 1 each: {two_workers:7.2f} s/epoch   speed-up {one / two_workers:.2f}x")
+    print(f"  {f'1 worker, {threads} thread(s):':34} {one:7.2f} s/epoch")
+    print(f"  {f'2 workers (DDP), {threads} thread(s) each:':34} {two_workers:7.2f} s/epoch   "
+          f"speed-up {one / two_workers:.2f}x")
     if two_threads is not None:
-        print(f"  1 worker, 2 threads:     {two_threads:7.2f} s/epoch   speed-up {one / two_threads:.2f}x "
-              f"(2 workers vs 2 threads: {two_threads / two_workers:.2f}x)")
+        print(f"  {f'1 worker, {2 * threads} thread(s):':34} {two_threads:7.2f} s/epoch   speed-up "
+              f"{one / two_threads:.2f}x (2 workers vs {2 * threads} threads: {two_threads / two_workers:.2f}x)")
     write_json("data_parallel", {
         "environment": environment(args.device), "args": vars(args), "one_worker_s": one,
         "two_workers_s": two_workers, "two_threads_s": two_threads, "speedup_two_workers": one / two_workers,
