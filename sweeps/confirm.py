@@ -1,12 +1,14 @@
 """Confirmation: the top-k configurations (ranked on val) re-trained with new seeds.
 
-Each re-training is a Ray task with a trial's resources and a `confirm` child run; the mean
+Each re-training is a Ray task with a trial's resources (on its N workers with
+`sweep.workers_per_trial`) and a `confirm` child run; the mean
 and standard deviation per configuration are logged on the parent run. Ranking never looks
 at test metrics.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 from dataclasses import dataclass
@@ -16,18 +18,17 @@ import ray
 
 from kd_core.train import EpochReport, fit
 from sweeps import tags
+from sweeps.data_parallel import WorkerGroup, release, submit, worker_group
 from sweeps.pipeline import (
     SweepContext,
     build_distiller,
     fit_options,
     load_dataset,
-    task_options,
     trial_sources,
     worker_setup,
 )
 from sweeps.results import METRIC, TrialSummary, ranked
 from sweeps.space import resolve_trial
-from sweeps.spec import SweepSettings
 from sweeps.tracking import Tracker, child_run
 from sweeps.trainable import trial_params
 
@@ -52,10 +53,11 @@ class Confirmation:
 
 
 def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
-            device: str = "cpu") -> dict[str, float]:
+            device: str = "cpu", group: WorkerGroup | None = None) -> dict[str, float]:
     """Train a trial's configuration again with another seed (student initialisation and
-    shuffling; the frozen sources stay the stored ones), as a `confirm` child run. Returns the
-    final metrics: the test metrics are those of the best-val epoch."""
+    shuffling; the frozen sources stay the stored ones), as a `confirm` child run, on `group`'s
+    workers when given. Returns the final metrics: the test metrics are those of the best-val
+    epoch."""
     spec = context.spec
     tracker = Tracker(context.tracking_uri)
     plan = resolve_trial(spec, sampled)
@@ -65,26 +67,24 @@ def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed:
         params={**trial_params(spec, plan), "seed": seed}, run_tags={tags.TRIAL_ID: trial_id},
     ) as run:
         data = load_dataset(spec.data.model_dump(), device)
-        sources = trial_sources(spec, plan, data, context, tracker, device)
+        sources = trial_sources(spec, plan, data, context, tracker, device, group)
         distiller = build_distiller(plan, data, seed, sources, device)
         options = fit_options(context, distiller, sources, data, spec.data.model_dump())
 
         def log(report: EpochReport) -> None:
             run.log_epoch(report.epoch, report.metrics)
 
-        return fit(distiller, data, plan.recipe, seed=seed, callback=log, **options).metrics
+        with group.trial(sampled, seed, None) if group else contextlib.nullcontext() as parallel:
+            return fit(distiller, data, plan.recipe, seed=seed, callback=log, data_parallel=parallel,
+                       **options).metrics
 
 
 def retrain_task(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
                  device: str) -> dict[str, float]:
-    """`retrain` in a Ray task."""
+    """`retrain` in a Ray task (`submit`: on a trial's workers)."""
     worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
-    return retrain(context, trial_id, sampled, seed, device)
-
-
-def confirm_task(settings: SweepSettings) -> Any:
-    """`retrain_task` as a Ray remote function with a trial's resources (CPUs and GPUs)."""
-    return ray.remote(**task_options(settings))(retrain_task)
+    with worker_group(context) as group:
+        return retrain(context, trial_id, sampled, seed, device, group)
 
 
 @dataclass(frozen=True)
@@ -96,14 +96,17 @@ class PendingConfirmations:
     top: list[TrialSummary]
     seeds: list[int]
     refs: list[list[ray.ObjectRef]]  # per top trial, one re-training per seed
+    groups: list[Any]  # their placement groups (`submit`), released once they have ended
 
     def collect(self, tracker: Tracker) -> list[Confirmation]:
         """Wait for every re-training; log each configuration's mean and spread on the parent run
         and tag the configuration confirmed best. Raises what a re-training raised."""
         context = self.context
+        results_per_trial = [ray.get(refs) for refs in self.refs]
+        for group in self.groups:
+            release(group)
         confirmations = []
-        for rank, (trial, refs) in enumerate(zip(self.top, self.refs, strict=True), start=1):
-            results = ray.get(refs)
+        for rank, (trial, results) in enumerate(zip(self.top, results_per_trial, strict=True), start=1):
             confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, self.seeds,
                                               [r[METRIC] for r in results], [r["test_acc"] for r in results]))
         if not confirmations:
@@ -123,6 +126,7 @@ def start_confirmations(context: SweepContext, trials: list[TrialSummary]) -> Pe
     settings = context.spec.sweep
     top = ranked(trials)[: settings.confirm.top_k]
     seeds = [settings.seed + 1 + i for i in range(settings.confirm.seeds)]
-    task = confirm_task(settings)
-    refs = [[task.remote(context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds] for t in top]
-    return PendingConfirmations(context, top, seeds, refs)
+    submitted = [[submit(settings, retrain_task, context, t.trial_id, t.sampled, seed, settings.device)
+                  for seed in seeds] for t in top]
+    return PendingConfirmations(context, top, seeds, [[ref for ref, _ in row] for row in submitted],
+                                [group for row in submitted for _, group in row])

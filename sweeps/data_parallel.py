@@ -1,11 +1,15 @@
-"""A trial on several workers (`sweep.workers_per_trial` > 1): DDP ranks as Ray actors.
+"""Training on several workers (`sweep.workers_per_trial` > 1): DDP ranks as Ray actors.
 
-The trial's Tune actor is rank 0, in the first bundle of the trial's placement group
-(`pipeline.trial_resources`); `workers` starts ranks 1..N-1 as actors in the other bundles.
-Rank 0 alone opens the MLflow run, evaluates, checkpoints and reports to Tune, so OptunaSearch,
-ASHA, resume and MLflow see a trial as they do with one worker; the other ranks rebuild the
-same distiller, load the same checkpoint and train on their rows of each batch
-(`kd_core.distributed`). Rank 0 listens for the process group on its node's address.
+A trial's Tune actor is rank 0, in the first bundle of the trial's placement group
+(`pipeline.trial_resources`); `worker_group` starts ranks 1..N-1 as actors in the other bundles.
+Everything the trial trains runs on the group: the stages it trains first (teacher,
+assistants: `WorkerGroup.stage`) and the trial itself (`WorkerGroup.trial`). The finish's
+tasks (the CE baseline, confirmations) get a placement group of their own (`submit`) and do
+the same. Rank 0 alone opens MLflow runs, evaluates, writes the stage store, checkpoints and
+reports to Tune, so OptunaSearch, ASHA, resume and MLflow see a trial as they do with one
+worker; the other ranks rebuild the same distiller, load the same checkpoint and train on
+their rows of each batch (`kd_core.distributed`). Rank 0 listens for each process group on its
+node's address.
 
 A rank whose process or node dies closes its connections: the others' next collective fails,
 the trial fails, and Tune retries it (`sweep.max_failures`) from its last checkpoint on a new
@@ -21,17 +25,30 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import ray
-from ray.util.placement_group import get_current_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kd_core.distributed import DataParallel, join, leave
+from kd_core.distributed import DataParallel, check_data_parallel, join, leave
+from kd_core.recipes import Recipe
+from kd_core.stages import StageSpec
 from kd_core.train import fit
-from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources, worker_setup
+from sweeps.pipeline import (
+    SweepContext,
+    build_distiller,
+    fit_options,
+    load_dataset,
+    resolve_stage,
+    stage_distiller,
+    task_options,
+    trial_sources,
+    worker_setup,
+)
 from sweeps.space import resolve_trial
+from sweeps.spec import SweepSettings
 from sweeps.tracking import Tracker
 
 LOG = logging.getLogger("kdsweep")
@@ -42,16 +59,17 @@ _ranks: dict[str, list[Any]] = {}  # per process: a reused trial actor's ranks, 
 
 
 class TrialRank:
-    """One data-parallel rank > 0 of a trial (a Ray actor, `workers`)."""
+    """One data-parallel rank > 0 of a trial, stage or finish task (a Ray actor, `worker_group`)."""
 
     def node_ip(self) -> str:
         """The node this rank runs on (asked once: the actor has started when it answers)."""
         return ray.util.get_node_ip_address()
 
-    def train(self, context: SweepContext, config: dict[str, Any], rank: int, world_size: int,
+    def train(self, context: SweepContext, config: dict[str, Any], seed: int, rank: int, world_size: int,
               init_method: str, resume: dict[str, Any] | None) -> None:
-        """Rebuild the trial's distiller as rank 0 did and train this rank's rows of every
-        epoch; returns when training ends, raises what training raised."""
+        """Rebuild a trial's distiller (its sampled `config`, student seed `seed`) as rank 0 did
+        and train this rank's rows of every epoch; returns when training ends, raises what
+        training raised."""
         spec = context.spec
         worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
         plan = resolve_trial(spec, config)
@@ -59,13 +77,92 @@ class TrialRank:
         data = load_dataset(spec.data.model_dump(), device)
         # Rank 0 resolved the sources before starting this rank: they are loaded, never trained.
         sources = trial_sources(spec, plan, data, context, Tracker(context.tracking_uri), device)
-        distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
+        distiller = build_distiller(plan, data, seed, sources, device)
         options = fit_options(context, distiller, sources, data, spec.data.model_dump())
-        parallel = join(rank, world_size, init_method, device)
+        with _joined(rank, world_size, init_method, device) as parallel:
+            fit(distiller, data, plan.recipe, seed=seed, resume=resume, data_parallel=parallel, **options)
+
+    def train_stage(self, context: SweepContext, stage: StageSpec, rank: int, world_size: int,
+                    init_method: str) -> None:
+        """Train this rank's rows of a stage that rank 0 trains (`WorkerGroup.stage`)."""
+        spec = context.spec
+        worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
+        device = spec.sweep.device
+        tracker = Tracker(context.tracking_uri)
+        # Rank 0 resolved the stage's parents before training it: they are loaded, never trained.
+        parents = [resolve_stage(p, context, tracker, device) for p in stage.parents]
+        data = load_dataset(stage.data, device)
+        distiller = stage_distiller(stage, parents, data, context.tracking_uri, device)
+        options = fit_options(context, distiller, parents, data, stage.data)
+        with _joined(rank, world_size, init_method, device) as parallel:
+            fit(distiller, data, Recipe(**stage.recipe), seed=stage.seed, data_parallel=parallel, **options)
+
+
+@contextlib.contextmanager
+def _joined(rank: int, world_size: int, init_method: str, device: str) -> Iterator[DataParallel]:
+    parallel = join(rank, world_size, init_method, device)
+    try:
+        yield parallel
+    finally:
+        leave()  # closes the connections: ranks still in a collective fail at once
+
+
+class WorkerGroup:
+    """Ranks 1..N-1 of the current trial or task, this process being rank 0: each training run
+    (`stage`, `trial`) is one DDP process group over all N ranks."""
+
+    def __init__(self, context: SweepContext, ranks: list[Any]) -> None:
+        self.context = context
+        self.ranks = ranks
+        self.world_size = len(ranks) + 1
+        self._node_ips: list[str] | None = None
+
+    @property
+    def node_ips(self) -> list[str]:
+        """Every rank's node address, rank 0 first (waits for the ranks to start; RayError or
+        GetTimeoutError when one cannot)."""
+        if self._node_ips is None:
+            others = ray.get([r.node_ip.remote() for r in self.ranks], timeout=START_TIMEOUT_S)
+            self._node_ips = [ray.util.get_node_ip_address(), *others]
+        return self._node_ips
+
+    def shares(self, distiller: type, train_size: int, batch_size: int) -> str | None:
+        """None when a run of `distiller` on `train_size` images in batches of `batch_size` can
+        train on this group, else why not (it then trains on rank 0 alone)."""
         try:
-            fit(distiller, data, plan.recipe, seed=spec.sweep.seed, resume=resume, data_parallel=parallel, **options)
-        finally:
-            leave()  # closes the connections: ranks still in a collective fail at once
+            check_data_parallel(distiller)
+            DataParallel(0, self.world_size).check_batches(train_size, batch_size)
+        except ValueError as error:
+            return str(error)
+        return None
+
+    def trial(self, config: dict[str, Any], seed: int, resume: dict[str, Any] | None
+              ) -> contextlib.AbstractContextManager[DataParallel]:
+        """Start the trial of sampled `config` (student seed `seed`) on ranks 1..N-1 and join as
+        rank 0 (a context manager: rank 0 trains inside it)."""
+        resume_ref = ray.put(resume)
+        return self._run(lambda actor, rank, address: actor.train.remote(
+            self.context, config, seed, rank, self.world_size, address, resume_ref))
+
+    def stage(self, stage: StageSpec) -> contextlib.AbstractContextManager[DataParallel]:
+        """Start `stage` (its parents already in the stage store) on ranks 1..N-1 and join as rank 0."""
+        return self._run(lambda actor, rank, address: actor.train_stage.remote(
+            self.context, stage, rank, self.world_size, address))
+
+    @contextlib.contextmanager
+    def _run(self, start: Callable[[Any, int, str], ray.ObjectRef]) -> Iterator[DataParallel]:
+        """One process group: rank 0 yields inside it; on leaving, waits for the ranks to end
+        (raising, when rank 0 failed, the error a rank raised first: why its collective broke)."""
+        self.node_ips  # noqa: B018 (the ranks have started: joining waits for them otherwise)
+        address = _listen_address()
+        training = [start(actor, rank, address) for rank, actor in enumerate(self.ranks, 1)]
+        try:
+            with _joined(0, self.world_size, address, self.context.spec.sweep.device) as parallel:
+                yield parallel
+        except Exception:
+            _raise_rank_error(training)
+            raise
+        ray.get(training, timeout=START_TIMEOUT_S)  # the ranks end with rank 0's last collective
 
 
 def _listen_address() -> str:
@@ -78,13 +175,11 @@ def _listen_address() -> str:
 
 
 @contextlib.contextmanager
-def workers(context: SweepContext, config: dict[str, Any], resume: dict[str, Any] | None,
-            node_ips: list[str]) -> Iterator[DataParallel | None]:
-    """Inside a trial: start ranks 1..N-1 in the trial's placement group, join them as rank 0
-    and yield this rank's `DataParallel` (None with one worker: nothing is started). Appends
-    every rank's node address to `node_ips`. On leaving, waits for the ranks to end and keeps them
-    for this actor's next trial; when the trial failed or was stopped, kills them (raising, for a
-    failure, the error a rank raised first: why rank 0's collective broke)."""
+def worker_group(context: SweepContext) -> Iterator[WorkerGroup | None]:
+    """Inside a trial or a `submit`ted task: the `WorkerGroup` of ranks 1..N-1 in the current
+    placement group (None with one worker: nothing is started). Ranks start in the background
+    (a new Ray worker imports torch for seconds) while rank 0 sets up. On leaving, keeps them
+    for this actor's next trial; when the body failed or was stopped, kills them."""
     settings = context.spec.sweep
     world = settings.workers_per_trial
     if world == 1:
@@ -92,34 +187,39 @@ def workers(context: SweepContext, config: dict[str, Any], resume: dict[str, Any
         return
     group = get_current_placement_group()
     if group is None:
-        raise RuntimeError("a trial on several workers must run in its placement group (Tune's trial actor)")
+        raise RuntimeError("training on several workers must run in its placement group (a trial, or `submit`)")
     key = group.id.hex()
     for stale in [k for k in _ranks if k != key]:  # another placement group's: Tune moved this actor
         _kill(_ranks.pop(stale))
     ranks = _ranks.pop(key, None) or _start(settings.resources_per_worker, group, world)
-    training: list[ray.ObjectRef] = []
     reusable = False
     try:
-        node_ips += ray.get([r.node_ip.remote() for r in ranks], timeout=START_TIMEOUT_S)
-        address = _listen_address()
-        resume_ref = ray.put(resume)
-        training = [r.train.remote(context, config, rank, world, address, resume_ref)
-                    for rank, r in enumerate(ranks, 1)]
-        try:
-            yield join(0, world, address, settings.device)
-        except Exception:
-            _raise_rank_error(training)  # a rank's own error explains rank 0's broken collective
-            raise
-        finally:
-            with contextlib.suppress(Exception):
-                leave()
-        ray.get(training, timeout=START_TIMEOUT_S)  # the ranks end with rank 0's last collective
+        yield WorkerGroup(context, ranks)
         reusable = True
     finally:
         if reusable:
             _ranks[key] = ranks
         else:
             _kill(ranks)
+
+
+def submit(settings: SweepSettings, function: Callable[..., Any], *args: Any) -> tuple[ray.ObjectRef, Any]:
+    """`function(*args)` as a Ray task with a trial's resources: one worker's share, and with
+    several workers, bundle 0 of a placement group of its own with a bundle per worker (the
+    task's `worker_group` starts ranks in the others). Returns the task's ref and the group
+    (None with one worker): `release` it once the task has ended."""
+    task = ray.remote(function)
+    if settings.workers_per_trial == 1:
+        return task.options(**task_options(settings)).remote(*args), None
+    group = placement_group([dict(settings.resources_per_worker)] * settings.workers_per_trial, strategy="PACK")
+    strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
+    return task.options(**task_options(settings), scheduling_strategy=strategy).remote(*args), group
+
+
+def release(group: Any) -> None:
+    """Free a `submit`ted task's placement group (its ranks die with it)."""
+    if group is not None:
+        remove_placement_group(group)
 
 
 def _start(worker: dict[str, float], group: Any, world: int) -> list[Any]:
@@ -147,5 +247,4 @@ def _raise_rank_error(training: list[ray.ObjectRef]) -> None:
         try:
             ray.get(ref)
         except ray.exceptions.RayError as error:
-            LOG.warning("a data-parallel rank failed: %s", error)
-            raise RuntimeError(f"a data-parallel rank of this trial failed: {error}") from error
+            raise RuntimeError(f"a data-parallel rank failed: {error}") from error

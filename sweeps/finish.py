@@ -16,12 +16,20 @@ from torch import nn
 
 from kd_core.cost import COST_UNITS, COSTS
 from kd_core.data import Dataset
-from kd_core.stages import StageStore
+from kd_core.stages import StageRecord, StageSpec, StageStore
 from kd_core.train import load_checkpoint
 from sweeps import tags
 from sweeps.confirm import Confirmation, start_confirmations
+from sweeps.data_parallel import release, submit, worker_group
 from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
-from sweeps.pipeline import SweepContext, build_distiller, load_dataset, stage_task, trial_sources, worker_setup
+from sweeps.pipeline import (
+    SweepContext,
+    build_distiller,
+    load_dataset,
+    resolve_stage,
+    trial_sources,
+    worker_setup,
+)
 from sweeps.plots import log_sweep_plots
 from sweeps.results import METRIC, TrialSummary, best_trial, pareto_front, status_counts
 from sweeps.search import STUDY_FILE
@@ -53,6 +61,13 @@ def study_storage(context: SweepContext) -> str:
     return f"sqlite:///{Path(context.storage) / context.name / STUDY_FILE}"
 
 
+def train_baseline(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
+    """The CE-only baseline stage, trained (on a trial's workers) if absent: a Ray task (`submit`)."""
+    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
+    with worker_group(context) as group:
+        return resolve_stage(stage, context, Tracker(context.tracking_uri), device, group).record
+
+
 def finish_sweep(
     context: SweepContext, tracker: Tracker, results: tune.ResultGrid, trials: list[TrialSummary],
     console: Any,
@@ -66,11 +81,12 @@ def finish_sweep(
     console.print("training the CE-only baseline student (same architecture and recipe)"
                   + (" and confirming the top trials" if spec.sweep.confirm.top_k else "")
                   + ", exporting the best student...")
-    # Ray tasks with a trial's resources (a GPU sweep trains its baseline on a GPU too). They
-    # train while this process exports the best student: a new Ray worker spends its first
-    # 8-11 s importing torch, MLflow and Ray Tune, which this process used to wait for.
-    baseline_ref = stage_task(spec.sweep).remote(
-        baseline_stage(spec, plan.recipe, plan.student_arch), context, spec.sweep.device)
+    # Ray tasks with a trial's resources (a GPU sweep trains its baseline on a GPU too; a
+    # sweep of N-worker trials, on N workers). They train while this process exports the best
+    # student: a new Ray worker spends its first 8-11 s importing torch, MLflow and Ray Tune,
+    # which this process used to wait for.
+    baseline_ref, baseline_group = submit(spec.sweep, train_baseline, baseline_stage(spec, plan.recipe,
+                                          plan.student_arch), context, spec.sweep.device)
     confirming = start_confirmations(context, trials)
 
     trial_runs = {r.data.tags.get(tags.TRIAL_ID): r for r in tracker.children(parent_run_id, "trial")}
@@ -97,6 +113,7 @@ def finish_sweep(
     log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)),
                     target_names=[METRIC, f"cost_{context.spec.sweep.cost}"] if context.spec.sweep.cost else None)
     baseline = ray.get(baseline_ref)
+    release(baseline_group)
     teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
     confirmations = confirming.collect(tracker)
     counts = status_counts(t.status for t in trials)

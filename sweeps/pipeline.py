@@ -5,12 +5,13 @@ store's lock, after its own parents, as a tracked MLflow run) and build the dist
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -27,6 +28,9 @@ from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan
 from sweeps.spec import SweepSettings, SweepSpec, load_plugins
 from sweeps.tracking import Tracker, child_run
+
+if TYPE_CHECKING:
+    from sweeps.data_parallel import WorkerGroup
 
 LOG = logging.getLogger("kdsweep")
 CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store
@@ -174,46 +178,65 @@ def import_stage(stage: StageSpec, device: str, tracker: Tracker, context: Sweep
         return TrainedStage(state, data.num_classes, data.in_channels, metrics=metrics, info={"run_id": run.run_id})
 
 
+def stage_distiller(stage: StageSpec, sources: list[Source], data: Dataset, tracking_uri: str,
+                    device: str) -> Distiller:
+    """A trained stage's distiller: its model (seeded, from its `init`) learning with its method
+    from its resolved parents `sources`."""
+    method = DISTILLERS.get(stage.method["name"])
+    model = new_model(stage.arch, data, stage.seed, stage.init, tracking_uri)
+    return method(model, [s.model for s in sources], method.make_params(stage.method.get("params", {}))).to(device)
+
+
 def train_stage(
-    stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, context: SweepContext
+    stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, context: SweepContext,
+    group: WorkerGroup | None = None,
 ) -> TrainedStage:
-    """Train one stage with its method, learning from its (already resolved) parents; a
-    pretrained stage is only imported (`import_stage`)."""
+    """Train one stage with its method, learning from its (already resolved) parents, on
+    `group`'s workers where its method and batches allow (else on this process alone, with a
+    warning); a pretrained stage is only imported (`import_stage`)."""
     if not stage.trained:
         return import_stage(stage, device, tracker, context)
     recipe = Recipe(**stage.recipe)
     method = DISTILLERS.get(stage.method["name"])
     params = method.make_params(stage.method.get("params", {}))
+    data = load_dataset(stage.data, device)
+    if group is not None and (problem := group.shares(method, len(data.train), recipe.batch_size)):
+        LOG.warning("the %s stage %s trains on one worker: %s", stage.role, stage.key[:8], problem)
+        group = None
     with child_run(
         tracker, context.parent_run_id, role=stage.role, key_tag=tags.STAGE_KEY, key=stage.key,
         name=f"{stage.role}-{stage.key[:8]}", epochs=recipe.epochs,
         params={"method": stage.method["name"], **vars(params), **arch_params("arch", stage.arch),
-                **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed, "stage_key": stage.key},
+                **recipe_params(recipe), "data": stage.data["name"], "seed": stage.seed, "stage_key": stage.key,
+                **({"workers": group.world_size} if group else {})},
         run_tags=lineage_tags(sources),
     ) as run:
-        data = load_dataset(stage.data, device)
-        model = new_model(stage.arch, data, stage.seed, stage.init, context.tracking_uri)
-        distiller = method(model, [s.model for s in sources], params).to(device)
+        distiller = stage_distiller(stage, sources, data, context.tracking_uri, device)
 
         def log(report: EpochReport) -> None:
             run.log_epoch(report.epoch, report.metrics)
 
-        result = fit(distiller, data, recipe, seed=stage.seed, callback=log,
-                     **fit_options(context, distiller, sources, data, stage.data))
+        with group.stage(stage) if group else contextlib.nullcontext() as parallel:
+            if group:
+                run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips)})
+            result = fit(distiller, data, recipe, seed=stage.seed, callback=log, data_parallel=parallel,
+                         **fit_options(context, distiller, sources, data, stage.data))
         return TrainedStage(
             result.best_state, data.num_classes, data.in_channels,
             metrics=result.metrics, info={"run_id": run.run_id, "best_epoch": result.best_epoch},
         )
 
 
-def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu") -> Source:
-    """The trained stage and its frozen model on `device`; trains it (parents first) if absent,
-    and again if its stored files are damaged (`kd_core.stages.CorruptStageError` names it)."""
+def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu",
+                  group: WorkerGroup | None = None) -> Source:
+    """The trained stage and its frozen model on `device`; trains it (parents first, on `group`'s
+    workers when given) if absent, and again if its stored files are damaged
+    (`kd_core.stages.CorruptStageError` names it)."""
     store = StageStore(context.storage)
 
     def train(s: StageSpec) -> TrainedStage:
-        parents = [resolve_stage(p, context, tracker, device) for p in s.parents]
-        return train_stage(s, parents, device, tracker, context)
+        parents = [resolve_stage(p, context, tracker, device, group) for p in s.parents]
+        return train_stage(s, parents, device, tracker, context, group)
 
     record, _ = store.get_or_train(stage, train)
     if (record.content_key, device) not in _models:  # a stage trained again is a new model
@@ -227,29 +250,17 @@ def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, dev
 
 
 def trial_sources(
-    spec: SweepSpec, plan: TrialPlan, data: Dataset, context: SweepContext, tracker: Tracker, device: str
+    spec: SweepSpec, plan: TrialPlan, data: Dataset, context: SweepContext, tracker: Tracker, device: str,
+    group: WorkerGroup | None = None,
 ) -> list[Source]:
-    """The frozen sources of a trial's method, trained first where no one has yet."""
+    """The frozen sources of a trial's method, trained first (on `group`'s workers when given)
+    where no one has yet."""
     sources = source_plan(spec, data.num_classes, input_shape(data), plan.student_arch)
     stages = source_stages(plan.method, plan.params, sources)
-    return [resolve_stage(stage, context, tracker, device) for stage in stages]
+    return [resolve_stage(stage, context, tracker, device, group) for stage in stages]
 
 
 def build_distiller(plan: TrialPlan, data: Dataset, seed: int, sources: list[Source], device: str) -> Distiller:
     """The trial's distiller: a fresh student (seeded) learning from the frozen sources."""
     student = new_model(plan.student_arch, data, seed, plan.student_init)
     return DISTILLERS.get(plan.method)(student, [s.model for s in sources], plan.params).to(device)
-
-
-def ensure_stage(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
-    """`resolve_stage` for a Ray task: returns only the (picklable) record."""
-    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
-    return resolve_stage(stage, context, Tracker(context.tracking_uri), device).record
-
-
-def stage_task(settings: SweepSettings) -> Any:
-    """`ensure_stage` as a Ray remote function with a trial's resources (the baseline trains
-    where a trial would: on a GPU for a GPU sweep)."""
-    import ray
-
-    return ray.remote(**task_options(settings))(ensure_stage)

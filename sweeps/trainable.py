@@ -1,7 +1,8 @@
 """The Tune function trainable: resolve the trial's plan and sources, train, report per epoch.
 
 With `sweep.workers_per_trial` > 1 the trial's actor is rank 0 of a DDP group whose other
-ranks it starts (`sweeps.data_parallel`); it alone logs, checkpoints and reports.
+ranks it starts (`sweeps.data_parallel`): the stages it trains and the trial train on all of
+them; it alone logs, checkpoints and reports.
 
 One `tune.report` per epoch with a checkpoint, made while the next epoch trains
 (`sweeps.reporting.EpochReporter`); a restarted trial resumes from
@@ -22,7 +23,7 @@ from ray import tune
 from kd_core.cost import LatencyProtocol, measure_costs
 from kd_core.train import fit, load_checkpoint
 from sweeps import tags
-from sweeps.data_parallel import workers
+from sweeps.data_parallel import WorkerGroup, worker_group
 from sweeps.interrupts import interruption
 from sweeps.pipeline import (
     SweepContext,
@@ -55,9 +56,14 @@ def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:
 
 
 def train_trial(config: dict[str, Any], context: SweepContext) -> None:
-    spec = context.spec
     times = PhaseTimes()  # logged as the run's time_* metrics: where a trial's time goes
     times.add("actor_start", process_start_seconds())
+    with worker_group(context) as group:  # the other ranks start while this one sets up
+        _train_trial(config, context, group, times)
+
+
+def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGroup | None, times: PhaseTimes) -> None:
+    spec = context.spec
     with times.phase("setup"):
         worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
         tracker = Tracker(context.tracking_uri)
@@ -77,7 +83,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         # Sources may be trained here, by the first trial that needs them: inside the run, so
         # a failing stage fails this trial's run with a reason instead of leaving no run.
         with times.phase("sources"):
-            sources = trial_sources(spec, plan, data, context, tracker, device)
+            sources = trial_sources(spec, plan, data, context, tracker, device, group)
             distiller = build_distiller(plan, data, spec.sweep.seed, sources, device)
             options = fit_options(context, distiller, sources, data, spec.data.model_dump())
         run.set_tags({**lineage_tags(sources), tags.TEACHER_CACHE: "on" if options["source_cache"] else "off"})
@@ -91,12 +97,11 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
         if checkpoint is not None:
             with times.phase("resume"), checkpoint.as_directory() as directory:
                 resume = load_checkpoint(directory)
-        node_ips = [ray.util.get_node_ip_address()]
+        if group is not None:
+            run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips)})
         try:
-            with workers(context, config, resume, node_ips) as parallel, \
+            with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
                     EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
-                if parallel is not None:
-                    run.set_tags({tags.WORKER_IPS: ",".join(node_ips)})
                 fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
                     data_parallel=parallel, **options)
         finally:

@@ -141,4 +141,4 @@ def test_a_trial_holds_one_bundle_per_worker_with_its_share(spec_dict) -> None:
     settings = parse_spec(spec_dict).sweep
     assert settings.resources_per_worker == {"CPU": 2.0, "GPU": 1.0}
     assert trial_resources(settings).bundles == [{"CPU": 2.0, "GPU": 1.0}] * 2
-    assert task_options(settings) == {"num_cpus": 2.0, "num_gpus": 1.0}  # stages train on one worker's share
+    assert task_options(settings) == {"num_cpus": 2.0, "num_gpus": 1.0}  # a finish task: rank 0 of its own group

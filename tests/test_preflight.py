@@ -309,15 +309,14 @@ def test_a_deleted_experiment_says_how_to_restore_or_purge_it(tmp_path) -> None:
 
 
 def test_trials_and_tasks_request_the_cpus_and_gpus_the_spec_names() -> None:
-    from sweeps.confirm import confirm_task
-    from sweeps.pipeline import SweepContext, stage_task
+    from sweeps.pipeline import SweepContext, task_options
     from sweeps.runner import sweep_trainable
 
     spec = build(sweep={"cpus_per_trial": 2, "gpus_per_trial": 0.5})
     trainable = sweep_trainable(SweepContext("s", spec, "/nowhere", "sqlite:///x.db", "run"))
     assert trainable._resources.bundles == [{"CPU": 2.0, "GPU": 0.5}]  # Tune's placement request of each trial
-    for task in (confirm_task(spec.sweep), stage_task(spec.sweep)):  # confirmation, baseline stage
-        assert (task._default_options["num_cpus"], task._default_options["num_gpus"]) == (2.0, 0.5)
+    # what `data_parallel.submit` gives the finish's tasks (confirmations, the baseline stage)
+    assert task_options(spec.sweep) == {"num_cpus": 2.0, "num_gpus": 0.5}
     assert not ray.is_initialized()
 
 
