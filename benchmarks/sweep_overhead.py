@@ -57,7 +57,7 @@ def direct_fit(spec_data: dict[str, Any], sampled: dict[str, Any], storage: str,
     from sweeps.tracking import Tracker
 
     spec = SweepSpec.model_validate(spec_data)
-    worker_setup(spec, spec.sweep.cpus_per_trial)
+    worker_setup(spec)
     started = time.perf_counter()
     plan = resolve_trial(spec, sampled)
     context = SweepContext("direct", spec, storage, tracking_uri, "")

@@ -82,7 +82,7 @@ def retrain(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed:
 def retrain_task(context: SweepContext, trial_id: str, sampled: dict[str, Any], seed: int,
                  device: str) -> dict[str, float]:
     """`retrain` in a Ray task (`submit`: on a trial's workers)."""
-    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
+    worker_setup(context.spec)
     with worker_group(context) as group:
         return retrain(context, trial_id, sampled, seed, device, group)
 

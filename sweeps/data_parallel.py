@@ -32,6 +32,7 @@ import ray
 from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from kd_core.distillers import Distiller
 from kd_core.distributed import DataParallel, check_data_parallel, join, leave
 from kd_core.recipes import Recipe
 from kd_core.stages import StageSpec
@@ -71,7 +72,7 @@ class TrialRank:
         and train this rank's rows of every epoch; returns when training ends, raises what
         training raised."""
         spec = context.spec
-        worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
+        worker_setup(spec)
         plan = resolve_trial(spec, config)
         device = spec.sweep.device
         data = load_dataset(spec.data.model_dump(), device)
@@ -86,7 +87,7 @@ class TrialRank:
                     init_method: str) -> None:
         """Train this rank's rows of a stage that rank 0 trains (`WorkerGroup.stage`)."""
         spec = context.spec
-        worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
+        worker_setup(spec)
         device = spec.sweep.device
         tracker = Tracker(context.tracking_uri)
         # Rank 0 resolved the stage's parents before training it: they are loaded, never trained.
@@ -117,7 +118,6 @@ class WorkerGroup:
         self.world_size = len(ranks) + 1
         self._node_ips: list[str] | None = None
 
-    @property
     def node_ips(self) -> list[str]:
         """Every rank's node address, rank 0 first (waits for the ranks to start; RayError or
         GetTimeoutError when one cannot)."""
@@ -126,7 +126,7 @@ class WorkerGroup:
             self._node_ips = [ray.util.get_node_ip_address(), *others]
         return self._node_ips
 
-    def shares(self, distiller: type, train_size: int, batch_size: int) -> str | None:
+    def shares(self, distiller: type[Distiller], train_size: int, batch_size: int) -> str | None:
         """None when a run of `distiller` on `train_size` images in batches of `batch_size` can
         train on this group, else why not (it then trains on rank 0 alone)."""
         try:
@@ -153,7 +153,7 @@ class WorkerGroup:
     def _run(self, start: Callable[[Any, int, str], ray.ObjectRef]) -> Iterator[DataParallel]:
         """One process group: rank 0 yields inside it; on leaving, waits for the ranks to end
         (raising, when rank 0 failed, the error a rank raised first: why its collective broke)."""
-        self.node_ips  # noqa: B018 (the ranks have started: joining waits for them otherwise)
+        self.node_ips()  # the ranks have started (a rank that cannot start fails here, not in a join)
         address = _listen_address()
         training = [start(actor, rank, address) for rank, actor in enumerate(self.ranks, 1)]
         try:

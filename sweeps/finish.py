@@ -63,7 +63,7 @@ def study_storage(context: SweepContext) -> str:
 
 def train_baseline(stage: StageSpec, context: SweepContext, device: str) -> StageRecord:
     """The CE-only baseline stage, trained (on a trial's workers) if absent: a Ray task (`submit`)."""
-    worker_setup(context.spec, context.spec.sweep.resources_per_worker["CPU"])
+    worker_setup(context.spec)
     with worker_group(context) as group:
         return resolve_stage(stage, context, Tracker(context.tracking_uri), device, group).record
 
@@ -77,7 +77,7 @@ def finish_sweep(
     best = best_trial(trials)
     plan = resolve_trial(spec, best.sampled)
     data = load_dataset(spec.data.model_dump())
-    worker_setup(spec, None)  # the driver: every CPU
+    worker_setup(spec, driver=True)
     console.print("training the CE-only baseline student (same architecture and recipe)"
                   + (" and confirming the top trials" if spec.sweep.confirm.top_k else "")
                   + ", exporting the best student...")

@@ -9,15 +9,17 @@ import contextlib
 import json
 import logging
 import os
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
 from kd_core.cache import SourceLogitCache, build_cache, replayable
 from kd_core.data import DATASETS, Dataset
 from kd_core.distillers import DISTILLERS, Distiller
+from kd_core.distributed import DataParallel
 from kd_core.models import StagedModel, build_model
 from kd_core.recipes import Recipe
 from kd_core.stages import CorruptStageError, StageRecord, StageSpec, StageStore, TrainedStage
@@ -28,9 +30,6 @@ from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan
 from sweeps.spec import SweepSettings, SweepSpec, load_plugins
 from sweeps.tracking import Tracker, child_run
-
-if TYPE_CHECKING:
-    from sweeps.data_parallel import WorkerGroup
 
 LOG = logging.getLogger("kdsweep")
 CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store
@@ -62,6 +61,21 @@ class Source:
     model: StagedModel
 
 
+class StageWorkers(Protocol):
+    """Workers a stage can train on, this process being rank 0 (`sweeps.data_parallel.WorkerGroup`)."""
+
+    world_size: int
+
+    def shares(self, distiller: type[Distiller], train_size: int, batch_size: int) -> str | None:
+        """None when such a run can train on these workers, else why not."""
+
+    def node_ips(self) -> list[str]:
+        """Every rank's node address, rank 0 first."""
+
+    def stage(self, stage: StageSpec) -> AbstractContextManager[DataParallel]:
+        """Start `stage` on the other ranks and join them as rank 0."""
+
+
 def task_options(settings: SweepSettings) -> dict[str, float]:
     """The Ray resources of one stage or task that trains on one device (`ray.remote(...).options
     (**...)`): one worker's CPUs and GPUs (a whole trial's when it has one worker), so GPU work
@@ -80,11 +94,13 @@ def trial_resources(settings: SweepSettings) -> Any:
     return tune.PlacementGroupFactory([dict(settings.resources_per_worker)] * settings.workers_per_trial)
 
 
-def worker_setup(spec: SweepSpec, cpus: float | None) -> None:
-    """What every process that trains does first: import the spec's plugins and give torch
-    one thread per CPU it was given (`cpus`; None: every CPU of the machine)."""
+def worker_setup(spec: SweepSpec, *, driver: bool = False) -> None:
+    """What every process that trains does first: import the spec's plugins and give torch one
+    thread per CPU of a worker (`sweep.resources_per_worker`: a trial's share per DDP rank), or
+    of the machine in the `driver`."""
     load_plugins(spec.plugins)
-    torch.set_num_threads(max(1, int(cpus or os.cpu_count() or 1)))
+    cpus = os.cpu_count() if driver else spec.sweep.resources_per_worker["CPU"]
+    torch.set_num_threads(max(1, int(cpus or 1)))
 
 
 def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:
@@ -189,7 +205,7 @@ def stage_distiller(stage: StageSpec, sources: list[Source], data: Dataset, trac
 
 def train_stage(
     stage: StageSpec, sources: list[Source], device: str, tracker: Tracker, context: SweepContext,
-    group: WorkerGroup | None = None,
+    group: StageWorkers | None = None,
 ) -> TrainedStage:
     """Train one stage with its method, learning from its (already resolved) parents, on
     `group`'s workers where its method and batches allow (else on this process alone, with a
@@ -218,7 +234,7 @@ def train_stage(
 
         with group.stage(stage) if group else contextlib.nullcontext() as parallel:
             if group:
-                run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips)})
+                run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
             result = fit(distiller, data, recipe, seed=stage.seed, callback=log, data_parallel=parallel,
                          **fit_options(context, distiller, sources, data, stage.data))
         return TrainedStage(
@@ -228,7 +244,7 @@ def train_stage(
 
 
 def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, device: str = "cpu",
-                  group: WorkerGroup | None = None) -> Source:
+                  group: StageWorkers | None = None) -> Source:
     """The trained stage and its frozen model on `device`; trains it (parents first, on `group`'s
     workers when given) if absent, and again if its stored files are damaged
     (`kd_core.stages.CorruptStageError` names it)."""
@@ -251,7 +267,7 @@ def resolve_stage(stage: StageSpec, context: SweepContext, tracker: Tracker, dev
 
 def trial_sources(
     spec: SweepSpec, plan: TrialPlan, data: Dataset, context: SweepContext, tracker: Tracker, device: str,
-    group: WorkerGroup | None = None,
+    group: StageWorkers | None = None,
 ) -> list[Source]:
     """The frozen sources of a trial's method, trained first (on `group`'s workers when given)
     where no one has yet."""

@@ -65,7 +65,7 @@ def train_trial(config: dict[str, Any], context: SweepContext) -> None:
 def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGroup | None, times: PhaseTimes) -> None:
     spec = context.spec
     with times.phase("setup"):
-        worker_setup(spec, spec.sweep.resources_per_worker["CPU"])
+        worker_setup(spec)
         tracker = Tracker(context.tracking_uri)
         trial_id = tune.get_context().get_trial_id()
         plan = resolve_trial(spec, config)
@@ -98,7 +98,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
             with times.phase("resume"), checkpoint.as_directory() as directory:
                 resume = load_checkpoint(directory)
         if group is not None:
-            run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips)})
+            run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
                     EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
