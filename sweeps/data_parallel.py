@@ -23,7 +23,6 @@ thread 2 s to end before it reuses the actor (TUNE_FUNCTION_THREAD_TIMEOUT_S).
 from __future__ import annotations
 
 import contextlib
-import logging
 import socket
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -52,7 +51,6 @@ from sweeps.space import resolve_trial
 from sweeps.spec import SweepSettings
 from sweeps.tracking import Tracker
 
-LOG = logging.getLogger("kdsweep")
 #: Seconds rank 0 waits for the other ranks' actors to start (a new Ray worker imports torch,
 #: MLflow and Ray Tune: 8-11 s on 2 cores) before it fails the trial.
 START_TIMEOUT_S = 300.0
@@ -104,8 +102,11 @@ def _joined(rank: int, world_size: int, init_method: str, device: str) -> Iterat
     parallel = join(rank, world_size, init_method, device)
     try:
         yield parallel
-    finally:
-        leave()  # closes the connections: ranks still in a collective fail at once
+    except BaseException:
+        with contextlib.suppress(Exception):  # the body's error is the one to see
+            leave()  # closes the connections: ranks still in a collective fail at once
+        raise
+    leave()
 
 
 class WorkerGroup:
