@@ -18,7 +18,7 @@ import ray
 
 from kd_core.train import EpochReport, fit
 from sweeps import tags
-from sweeps.data_parallel import WorkerGroup, release, submit, worker_group
+from sweeps.data_parallel import WorkerGroup, submit, worker_group
 from sweeps.pipeline import (
     SweepContext,
     build_distiller,
@@ -96,17 +96,14 @@ class PendingConfirmations:
     top: list[TrialSummary]
     seeds: list[int]
     refs: list[list[ray.ObjectRef]]  # per top trial, one re-training per seed
-    groups: list[Any]  # their placement groups (`submit`), released once they have ended
 
     def collect(self, tracker: Tracker) -> list[Confirmation]:
         """Wait for every re-training; log each configuration's mean and spread on the parent run
         and tag the configuration confirmed best. Raises what a re-training raised."""
         context = self.context
-        results_per_trial = [ray.get(refs) for refs in self.refs]
-        for group in self.groups:
-            release(group)
         confirmations = []
-        for rank, (trial, results) in enumerate(zip(self.top, results_per_trial, strict=True), start=1):
+        for rank, (trial, refs) in enumerate(zip(self.top, self.refs, strict=True), start=1):
+            results = ray.get(refs)
             confirmations.append(Confirmation(rank, trial.trial_id, trial.sampled, self.seeds,
                                               [r[METRIC] for r in results], [r["test_acc"] for r in results]))
         if not confirmations:
@@ -126,7 +123,6 @@ def start_confirmations(context: SweepContext, trials: list[TrialSummary]) -> Pe
     settings = context.spec.sweep
     top = ranked(trials)[: settings.confirm.top_k]
     seeds = [settings.seed + 1 + i for i in range(settings.confirm.seeds)]
-    submitted = [[submit(settings, retrain_task, context, t.trial_id, t.sampled, seed, settings.device)
-                  for seed in seeds] for t in top]
-    return PendingConfirmations(context, top, seeds, [[ref for ref, _ in row] for row in submitted],
-                                [group for row in submitted for _, group in row])
+    refs = [[submit(settings, retrain_task, context, t.trial_id, t.sampled, seed, settings.device) for seed in seeds]
+            for t in top]
+    return PendingConfirmations(context, top, seeds, refs)

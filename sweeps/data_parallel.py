@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -44,6 +45,7 @@ from sweeps.pipeline import (
     resolve_stage,
     stage_distiller,
     task_options,
+    trial_resources,
     trial_sources,
     worker_setup,
 )
@@ -182,8 +184,7 @@ def worker_group(context: SweepContext) -> Iterator[WorkerGroup | None]:
     (a new Ray worker imports torch for seconds) while rank 0 sets up. On leaving, keeps them
     for this actor's next trial; when the body failed or was stopped, kills them."""
     settings = context.spec.sweep
-    world = settings.workers_per_trial
-    if world == 1:
+    if settings.workers_per_trial == 1:
         yield None
         return
     group = get_current_placement_group()
@@ -192,7 +193,7 @@ def worker_group(context: SweepContext) -> Iterator[WorkerGroup | None]:
     key = group.id.hex()
     for stale in [k for k in _ranks if k != key]:  # another placement group's: Tune moved this actor
         _kill(_ranks.pop(stale))
-    ranks = _ranks.pop(key, None) or _start(settings.resources_per_worker, group, world)
+    ranks = _ranks.pop(key, None) or _start(settings, group)
     reusable = False
     try:
         yield WorkerGroup(context, ranks)
@@ -204,33 +205,37 @@ def worker_group(context: SweepContext) -> Iterator[WorkerGroup | None]:
             _kill(ranks)
 
 
-def submit(settings: SweepSettings, function: Callable[..., Any], *args: Any) -> tuple[ray.ObjectRef, Any]:
+def submit(settings: SweepSettings, function: Callable[..., Any], *args: Any) -> ray.ObjectRef:
     """`function(*args)` as a Ray task with a trial's resources: one worker's share, and with
-    several workers, bundle 0 of a placement group of its own with a bundle per worker (the
-    task's `worker_group` starts ranks in the others). Returns the task's ref and the group
-    (None with one worker): `release` it once the task has ended."""
+    several workers, bundle 0 of a placement group of its own shaped like a trial's (the task's
+    `worker_group` starts ranks in the others). The group is removed as soon as the task ends,
+    by a thread that waits for it: a group still waiting to be placed (the CPUs of another
+    finish task's) must not wait on the driver collecting results in some order."""
     task = ray.remote(function)
     if settings.workers_per_trial == 1:
-        return task.options(**task_options(settings)).remote(*args), None
-    group = placement_group([dict(settings.resources_per_worker)] * settings.workers_per_trial, strategy="PACK")
+        return task.options(**task_options(settings)).remote(*args)
+    shape = trial_resources(settings)
+    group = placement_group(shape.bundles, strategy=shape.strategy)
     strategy = PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=0)
-    return task.options(**task_options(settings), scheduling_strategy=strategy).remote(*args), group
+    ref = task.options(**task_options(settings), scheduling_strategy=strategy).remote(*args)
+    threading.Thread(target=_release_when_done, args=(ref, group), name="kdsweep-release", daemon=True).start()
+    return ref
 
 
-def release(group: Any) -> None:
-    """Free a `submit`ted task's placement group (its ranks die with it)."""
-    if group is not None:
-        remove_placement_group(group)
+def _release_when_done(ref: ray.ObjectRef, group: Any) -> None:
+    with contextlib.suppress(Exception):  # Ray shut down first: the group went with it
+        ray.wait([ref], fetch_local=False)
+        remove_placement_group(group)  # its ranks die with it
 
 
-def _start(worker: dict[str, float], group: Any, world: int) -> list[Any]:
-    """Ranks 1..world-1 as actors in bundles 1..world-1 of `group`, each with `worker`'s resources."""
+def _start(settings: SweepSettings, group: Any) -> list[Any]:
+    """Ranks 1..N-1 as actors in bundles 1..N-1 of `group`, each with one worker's resources."""
     return [
         ray.remote(TrialRank).options(
-            num_cpus=worker["CPU"], num_gpus=worker.get("GPU", 0.0), max_restarts=0,
+            **task_options(settings), max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(group, placement_group_bundle_index=rank),
         ).remote()
-        for rank in range(1, world)
+        for rank in range(1, settings.workers_per_trial)
     ]
 
 

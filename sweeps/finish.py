@@ -20,7 +20,7 @@ from kd_core.stages import StageRecord, StageSpec, StageStore
 from kd_core.train import load_checkpoint
 from sweeps import tags
 from sweeps.confirm import Confirmation, start_confirmations
-from sweeps.data_parallel import release, submit, worker_group
+from sweeps.data_parallel import submit, worker_group
 from sweeps.export import PARETO_DIR, ExportResult, export_student, write_student_files
 from sweeps.pipeline import (
     SweepContext,
@@ -85,8 +85,8 @@ def finish_sweep(
     # sweep of N-worker trials, on N workers). They train while this process exports the best
     # student: a new Ray worker spends its first 8-11 s importing torch, MLflow and Ray Tune,
     # which this process used to wait for.
-    baseline_ref, baseline_group = submit(spec.sweep, train_baseline, baseline_stage(spec, plan.recipe,
-                                          plan.student_arch), context, spec.sweep.device)
+    baseline_ref = submit(spec.sweep, train_baseline, baseline_stage(spec, plan.recipe, plan.student_arch),
+                          context, spec.sweep.device)
     confirming = start_confirmations(context, trials)
 
     trial_runs = {r.data.tags.get(tags.TRIAL_ID): r for r in tracker.children(parent_run_id, "trial")}
@@ -113,7 +113,6 @@ def finish_sweep(
     log_sweep_plots(tracker, parent_run_id, optuna.load_study(study_name=context.name, storage=study_storage(context)),
                     target_names=[METRIC, f"cost_{context.spec.sweep.cost}"] if context.spec.sweep.cost else None)
     baseline = ray.get(baseline_ref)
-    release(baseline_group)
     teacher = StageStore(context.storage).get(teacher_stage(spec).key) if spec.teacher else None
     confirmations = confirming.collect(tracker)
     counts = status_counts(t.status for t in trials)
