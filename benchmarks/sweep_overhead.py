@@ -1,15 +1,21 @@
 """What the sweep machinery costs: the wall time of a sweep's trials against the same trials'
 `fit` runs done directly, at equal concurrency, and where the difference goes.
 
-A warm-up sweep first trains the teacher into the stage store (and fills the teacher-output
-cache), as the first trials of any sweep do. Then the measured sweep runs `--trials` trials,
-`--concurrent` at a time, with random sampling and no early stopping so every trial trains
-every epoch. Its trial phase (Tune's fit: actors, Optuna, MLflow runs and per-epoch logging,
-per-epoch checkpoints) is timed. The same sampled configurations are then trained directly
-with `fit` (same sources, cache and options) in a pool of `--concurrent` already-started
-processes. Prints both wall times and their ratio, then the breakdown: each trial's phase
-times as the trial recorded them (its MLflow run's `time_*` metrics: sweeps/timings.py), the
-driver's CPU time during Tune's fit, and the CPU time of Ray's own processes.
+A warm-up sweep of one trial first trains the teacher into the stage store and fills the
+teacher-output cache for every epoch, as the first trials of any sweep do. The measured sweep
+then runs `--trials` trials, `--concurrent` at a time, with no early stopping so every trial
+trains every epoch, on
+configurations drawn once from the search space (seeded; the sweep's `initial_points`). Its
+trial phase (Tune's fit: actors, Optuna, MLflow runs and per-epoch logging, checkpoints) is
+timed. The same configurations are trained directly with `fit` (same sources, cache and
+options) in a pool of `--concurrent` already-started processes, once before the sweep and once
+after it: their mean is the baseline, so a drift of the machine's speed during the run (on a
+shared machine, 10-15% between minutes) weighs on both sides alike. Each phase starts its own
+Ray (as `kdsweep run` does). Prints the wall times and their ratio, then the breakdown: each
+trial's phase times as the trial recorded them (its MLflow run's `time_*` metrics:
+sweeps/timings.py), the time between trials' epochs, the driver's CPU time during Tune's fit,
+the CPU time of Ray's own processes, and the CPU time the hypervisor took from this machine
+(steal) in each phase.
 
     .venv/bin/python benchmarks/sweep_overhead.py                        # digits, 12 x 60 epochs
     .venv/bin/python benchmarks/sweep_overhead.py --dataset fashion_mnist  # 55,000-image epochs
@@ -19,8 +25,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import math
 import multiprocessing
 import os
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -109,6 +117,68 @@ def trial_breakdown(uri: str, parent_run_id: str) -> dict[str, float]:
     return {key: value / len(runs) for key, value in sorted(totals.items())}
 
 
+def fixed_points(search: dict[str, dict[str, Any]], trials: int, seed: int = 0) -> list[dict[str, float]]:
+    """`trials` configurations drawn from a search space of float ranges (uniform, or
+    log-uniform where `log`), seeded: what both the sweep and the direct fits train."""
+    rng = random.Random(seed)
+    points = []
+    for _ in range(trials):
+        point = {}
+        for name, bounds in search.items():
+            low, high = bounds["low"], bounds["high"]
+            if bounds.get("log"):
+                point[name] = math.exp(rng.uniform(math.log(low), math.log(high)))
+            else:
+                point[name] = rng.uniform(low, high)
+        points.append(point)
+    return points
+
+
+def direct_pass(spec: SweepSpec, points: list[dict[str, float]], processes: int, storage: Path,
+                uri: str) -> tuple[float, list[float]]:
+    """The configurations trained with `fit` in `processes` started processes: (wall, each fit's seconds)."""
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
+        for warming in [pool.submit(warm_up) for _ in range(processes)]:
+            warming.result()
+        started = time.perf_counter()
+        futures = [pool.submit(direct_fit, spec.model_dump(mode="json"), p, str(storage), uri) for p in points]
+        fit_seconds = [f.result() for f in futures]
+        return time.perf_counter() - started, fit_seconds
+
+
+def steal_seconds() -> float:
+    """CPU seconds so far that the hypervisor gave to other machines (Linux /proc/stat; 0 elsewhere)."""
+    try:
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def trial_timeline(uri: str, parent_run_id: str, sweep_started: float, concurrent: int) -> dict[str, float]:
+    """Wall seconds outside the trials' epochs, from their MLflow runs' times and epoch
+    timestamps: from the sweep's start to the first trials' runs (the driver's set-up, actors
+    starting), from a trial's run opening to its first epoch starting and from its last epoch to
+    its run's end (in the trial), and from a trial's run end to the start of the next trial in
+    its slot (Tune between trials). Means per trial, but the first: per slot."""
+    from sweeps.tracking import Tracker
+
+    tracker = Tracker(uri)
+    spans = []  # (run start, first epoch's start, last epoch's end, run end), seconds
+    for run in tracker.children(parent_run_id, "trial"):
+        epochs = sorted(tracker.client.get_metric_history(run.info.run_id, "epoch_time"), key=lambda m: m.step)
+        spans.append((run.info.start_time / 1e3, epochs[0].timestamp / 1e3 - epochs[0].value,
+                      epochs[-1].timestamp / 1e3, run.info.end_time / 1e3))
+    spans.sort()
+    first, later = spans[:concurrent], spans[concurrent:]
+    gaps = [start - max(end for *_, end in spans if end <= start) for start, *_ in later]
+    return {"sweep_start_to_first_runs": sum(s[0] for s in first) / len(first) - sweep_started,
+            "run_open_to_first_epoch": sum(s[1] - s[0] for s in spans) / len(spans),
+            "last_epoch_to_run_end": sum(s[3] - s[2] for s in spans) / len(spans),
+            "run_end_to_next_run_open": sum(gaps) / len(gaps) if gaps else 0.0}
+
+
 PRESETS: dict[str, dict[str, Any]] = {
     # The embedded digits: short epochs (~0.65 s of KD), where per-epoch costs weigh most.
     "digits": {"data": {"name": "digits", "seed": 0}, "trials": 12, "epochs": 60,
@@ -150,39 +220,51 @@ def main() -> None:
     SPEC["teacher"]["recipe"]["epochs"] = preset["teacher_epochs"]
     SPEC["recipe"]["epochs"] = args.epochs
     SPEC["sweep"].update(num_trials=args.trials, max_concurrent=args.concurrent)
-    spec = SweepSpec.model_validate(SPEC)
+    points = fixed_points(SPEC["search"], args.trials)
+    spec = SweepSpec.model_validate({**SPEC, "sweep": {**SPEC["sweep"], "initial_points": points}})
+    steal: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as work:
         uri, storage = f"sqlite:///{work}/mlflow.db", Path(work) / "storage"
         init_ray(None, num_cpus=args.concurrent, env_vars=WORKER_ENV)
-        warm = SweepSpec.model_validate({**SPEC, "recipe": {"name": "digits", "epochs": 1},
-                                         "sweep": {**SPEC["sweep"], "num_trials": 1}})  # teacher and cache only
+        # One trial of every epoch: the teacher, and its cached outputs for each epoch's draws.
+        warm = SweepSpec.model_validate({**SPEC, "sweep": {**SPEC["sweep"], "num_trials": 1}})
         run_sweep(warm, name="warm-up", storage=storage, tracking_uri=uri)
+        ray.shutdown()
+        stolen = steal_seconds()
+        direct_before, fits_before = direct_pass(spec, points, args.concurrent, storage, uri)
+        steal["direct fits before"] = steal_seconds() - stolen
+        init_ray(None, num_cpus=args.concurrent, env_vars=WORKER_ENV)
         daemons_before = ray_daemons_cpu()
+        sweep_started = time.time()  # a little before Tune's fit starts: the sweep's own set-up is short
+        stolen = steal_seconds()
         outcome = run_sweep(spec, name="measured", storage=storage, tracking_uri=uri)
+        steal["sweep"] = steal_seconds() - stolen
         daemons = {k: v - daemons_before.get(k, 0.0) for k, v in ray_daemons_cpu().items()}
         ray.shutdown()
         breakdown = trial_breakdown(uri, outcome.parent_run_id)
-        sampled = [t.sampled for t in outcome.trials]
-        context = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(args.concurrent, mp_context=context) as pool:
-            for warming in [pool.submit(warm_up) for _ in range(args.concurrent)]:
-                warming.result()
-            started = time.perf_counter()
-            futures = [pool.submit(direct_fit, spec.model_dump(mode="json"), s, str(storage), uri) for s in sampled]
-            fit_seconds = [f.result() for f in futures]
-            direct_wall = time.perf_counter() - started
+        timeline = trial_timeline(uri, outcome.parent_run_id, sweep_started, args.concurrent)
+        stolen = steal_seconds()
+        direct_after, fits_after = direct_pass(spec, points, args.concurrent, storage, uri)
+        steal["direct fits after"] = steal_seconds() - stolen
+    direct_wall = (direct_before + direct_after) / 2
+    fit_seconds = fits_before + fits_after
     ratio = outcome.tune_seconds / direct_wall
     student = preset["student"]
     print(f"{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, 1 CPU each "
           f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), {os.cpu_count()} CPUs")
-    print(f"sum of the trials' direct fit times:     {sum(fit_seconds):8.1f} s")
-    print(f"direct fits, {args.concurrent} processes (wall):       {direct_wall:8.1f} s")
+    print(f"mean of the direct fit times:            {sum(fit_seconds) / len(fit_seconds):8.1f} s")
+    print(f"direct fits, {args.concurrent} processes, before the sweep: {direct_before:8.1f} s (wall)")
+    print(f"direct fits, {args.concurrent} processes, after the sweep:  {direct_after:8.1f} s (wall)")
+    print(f"direct fits, the mean of both:           {direct_wall:8.1f} s")
     print(f"sweep trial phase (Tune fit, wall):      {outcome.tune_seconds:8.1f} s")
     print(f"whole sweep (baseline, export, plots):   {outcome.seconds:8.1f} s")
     print("\nwhere a trial's time goes (mean per trial, recorded by the trial):")
     print(f"  {'training (sum of epoch_time)':45s} {breakdown.get('epoch_time_sum', 0.0):8.2f} s")
     for key, what in PHASES.items():
         print(f"  {what:45s} {breakdown.get(key, 0.0):8.3f} s")
+    print("between the trials' epochs (wall, mean per trial; the sweep's start: per slot):")
+    for key, value in timeline.items():
+        print(f"  {key.replace('_', ' '):45s} {value:8.3f} s")
     print("beside the trials, during the trial phase (CPU time; the trials have "
           f"{args.concurrent} CPUs of {os.cpu_count()}):")
     parts = outcome.tune_driver_cpu_parts
@@ -194,13 +276,17 @@ def main() -> None:
     for name, seconds in sorted(daemons.items(), key=lambda item: -item[1]):
         if seconds >= 0.05:
             print(f"  {'Ray: ' + name:53s} {seconds:7.1f} s")
+    print("CPU time the hypervisor took (steal), per phase: "
+          + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steal.items()))
     print(f"\nsweep trial phase / direct fits: {ratio:.3f}  (target <= 1.10; <= 1.05 with Fashion-MNIST epochs)")
     write_json(f"sweep_overhead_{args.dataset}", {
-        "config": vars(args), "environment": environment(), "fit_seconds": fit_seconds, "direct_wall": direct_wall,
+        "config": vars(args), "environment": environment(), "points": points, "fit_seconds": fit_seconds,
+        "direct_wall_before": direct_before, "direct_wall_after": direct_after, "direct_wall": direct_wall,
+        "steal_seconds": steal,
         "sweep_tune_seconds": outcome.tune_seconds, "sweep_seconds": outcome.seconds,
         "driver_cpu_seconds": outcome.tune_driver_cpu_seconds, "driver_cpu_parts": outcome.tune_driver_cpu_parts,
         "ray_daemons_cpu_seconds": daemons,
-        "trial_breakdown_mean_s": breakdown, "ratio_sweep_over_direct": ratio,
+        "trial_breakdown_mean_s": breakdown, "timeline_s": timeline, "ratio_sweep_over_direct": ratio,
     }, args.json)
 
 

@@ -34,30 +34,44 @@ def decision_epochs(spec: SweepSpec) -> frozenset[int]:
 
 
 class EpochReporter:
-    """`fit`'s callback in a trial: each epoch is logged to MLflow, checkpointed and reported to
-    Tune on a reporting thread while the next epoch trains.
+    """`fit`'s callback in a trial: each epoch is logged to MLflow and reported to Tune on a
+    reporting thread while the next epoch trains, with a checkpoint when one is due.
+
+    A checkpoint is due after the last epoch, after `decision_epochs` (where the scheduler may
+    stop the trial, so a stopped trial's checkpoint holds its end) and once `checkpoint_interval`
+    seconds have passed since the previous one (0: every epoch). Writing one costs a state copy
+    on the training thread, a file and Tune's copy of it to storage: per epoch, that was a tenth
+    of a short epoch's time. The checkpoint is of the state when the epoch ended
+    (`EpochReport.frozen`), so resume is exact; MLflow holds every epoch up to a checkpoint
+    before Tune has it, so a trial resumed from it leaves no epoch unlogged.
 
     At most one epoch is in flight: a call first waits for the previous report, so a trial runs
-    at most one epoch ahead of what Tune has seen. After `decision_epochs` (where the scheduler
-    may stop it) and the last epoch it waits for Tune's answer at once, so a stopped trial trains
-    no epoch past its stop and a reused actor is free at once. The checkpoint is of the state
-    when the epoch ended (`EpochReport.frozen`), so resume is exact. Whatever the reporting thread
-    raised (SystemExit: Tune stopped the trial) is raised in the training thread at the next call,
-    or on leaving the `with` block unless the block itself raised.
+    at most one epoch ahead of what Tune has seen. After decision epochs and the last epoch it
+    waits for Tune's answer at once, so a stopped trial trains no epoch past its stop and a
+    reused actor is free at once. Whatever the reporting thread raised (SystemExit: Tune stopped
+    the trial) is raised in the training thread at the next call, or on leaving the `with` block
+    unless the block itself raised.
     """
 
     def __init__(self, run: TrackedRun, extra_metrics: dict[str, float], decisions: Collection[int],
-                 times: PhaseTimes) -> None:
+                 times: PhaseTimes, checkpoint_interval: float = 0.0) -> None:
         self.run, self.extra_metrics, self.decisions, self.times = run, extra_metrics, decisions, times
+        self.checkpoint_interval = checkpoint_interval
+        self._checkpointed = time.monotonic()  # the trial's start counts as one: a first is due an interval later
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kdsweep-report")
         self._pending: Future[None] | None = None
 
     def __call__(self, epoch: EpochReport) -> None:
         self.wait()
-        with self.times.phase("snapshot"):
-            frozen = epoch.frozen()
-        self._pending = self._thread.submit(self._report, frozen)
-        if epoch.is_last or epoch.epoch in self.decisions:
+        deciding = epoch.is_last or epoch.epoch in self.decisions
+        due = deciding or time.monotonic() - self._checkpointed >= self.checkpoint_interval
+        frozen = None
+        if due:
+            with self.times.phase("snapshot"):
+                frozen = epoch.frozen()
+            self._checkpointed = time.monotonic()
+        self._pending = self._thread.submit(self._report, epoch.epoch, dict(epoch.metrics), frozen)
+        if deciding:
             self.wait()
 
     def wait(self) -> None:
@@ -67,25 +81,29 @@ class EpochReporter:
             with self.times.phase("report_wait"):
                 pending.result()
 
-    def _report(self, epoch: EpochReport) -> None:
+    def _report(self, epoch: int, metrics: dict[str, float], checkpoint: EpochReport | None) -> None:
         cpu = time.thread_time()
         try:
-            self._write(epoch)
+            self._write(epoch, metrics, checkpoint)
         finally:
             self.times.add("report_cpu", time.thread_time() - cpu)  # what it took from the trial's CPUs
 
-    def _write(self, epoch: EpochReport) -> None:
+    def _write(self, epoch: int, metrics: dict[str, float], checkpoint: EpochReport | None) -> None:
         from ray import tune
 
-        self.run.log_epoch(epoch.epoch, epoch.metrics)  # queued: written while the checkpoint is saved
+        self.run.log_epoch(epoch, metrics)  # queued: MLflow writes it in the background
+        metrics = {**metrics, **self.extra_metrics}
+        if checkpoint is None:
+            with self.times.phase("tune_report"):
+                tune.report(metrics)
+            return
         with tempfile.TemporaryDirectory() as directory:
             with self.times.phase("checkpoint"):
-                epoch.save(directory)
-            with self.times.phase("mlflow_log"):  # an epoch is in MLflow before its checkpoint is on storage,
-                self.run.flush()  # so a trial resumed from it never leaves that epoch unlogged
+                checkpoint.save(directory)
+            with self.times.phase("mlflow_log"):  # every epoch so far is in MLflow before this
+                self.run.flush()  # checkpoint is on storage: a trial resumed from it leaves none unlogged
             with self.times.phase("tune_report"):  # Tune copies the files into the trial's storage
-                checkpoint = tune.Checkpoint.from_directory(directory)
-                tune.report({**epoch.metrics, **self.extra_metrics}, checkpoint=checkpoint)
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(directory))
 
     def __enter__(self) -> EpochReporter:
         return self

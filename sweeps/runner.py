@@ -43,7 +43,7 @@ __all__ = ["WORKER_ENV", "Interrupted", "SweepFailedError", "SweepOutcome", "che
 SPEC_FILE = "spec.yaml"  # the validated spec, in the sweep's storage directory: what `resume` restarts from
 
 # Tune's own console output is replaced by LiveProgress; its warning about frequent experiment
-# snapshots is not for us (they follow per-epoch checkpoints by design). Tune's automatic result
+# snapshots is not for us (they follow trial checkpoints by design). Tune's automatic result
 # loggers are off: `_callbacks` adds its CSV and JSON ones (Tune's own record of every result),
 # not TensorBoard's event files, which cost the driver a sixth of its time and MLflow replaces.
 QUIET_TUNE = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",

@@ -4,8 +4,8 @@ With `sweep.workers_per_trial` > 1 the trial's actor is rank 0 of a DDP group wh
 ranks it starts (`sweeps.data_parallel`): the stages it trains and the trial train on all of
 them; it alone logs, checkpoints and reports.
 
-One `tune.report` per epoch with a checkpoint, made while the next epoch trains
-(`sweeps.reporting.EpochReporter`); a restarted trial resumes from
+One `tune.report` per epoch, made while the next epoch trains, with a checkpoint when one is due
+(`sweeps.reporting.EpochReporter`, `sweep.checkpoint_interval`); a restarted trial resumes from
 `tune.get_checkpoint()` and reopens its MLflow child run by trial id (`child_run`).
 """
 
@@ -101,7 +101,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
             run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
-                    EpochReporter(run, costs, decision_epochs(spec), times) as reporter:
+                    EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval) as reporter:
                 fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
                     data_parallel=parallel, **options)
         finally:

@@ -50,8 +50,9 @@ def sweep_spec(name: str, trials: int, epochs: int = EPOCHS, max_failures: int =
         "method": {"name": "ce"},
         "recipe": {"name": "digits", "epochs": epochs},
         "search": {"recipe.lr": {"low": 0.02, "high": 0.2, "log": True}},
+        # A checkpoint every epoch: a trial on a killed node resumes where it stopped (checked below).
         "sweep": {"num_trials": trials, "max_concurrent": 3, "cpus_per_trial": 1, "max_failures": max_failures,
-                  "scheduler": {"type": "none"}, "sampler": {"type": "random", "seed": 0}},
+                  "scheduler": {"type": "none"}, "sampler": {"type": "random", "seed": 0}, "checkpoint_interval": 0},
         "tracking": {"experiment": name, "registered_model": f"{name}_student"},
     }
 

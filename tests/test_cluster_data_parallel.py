@@ -38,6 +38,7 @@ SPEC = {
     # by ASHA (its ranks killed mid-collective); the third starts new ranks.
     "sweep": {"num_trials": TRIALS, "max_concurrent": 1, "cpus_per_trial": 2, "workers_per_trial": 2,
               "max_failures": 2, "scheduler": {"type": "asha", "grace_period": 2, "reduction_factor": 2},
+              "checkpoint_interval": 0,  # the killed trial resumes from the epoch it stopped at
               "sampler": {"type": "random", "seed": 0},
               "initial_points": [{"recipe.lr": 0.02}, {"recipe.lr": SLOW_LR}]},
     "tracking": {"experiment": "ddp", "registered_model": "ddp_student"},

@@ -32,6 +32,7 @@ def test_failed_trials_are_recorded_and_the_sweep_finishes(tmp_path) -> None:
             "recipe.lr": {"low": 0.02, "high": 0.1},
         },
         "sweep": {"num_trials": 4, "max_concurrent": 2, "max_failures": 1, "scheduler": {"type": "none"},
+                  "checkpoint_interval": 0,  # every epoch: the retry resumes from epoch 1's checkpoint
                   "initial_points": [{"method.name": "kd"}, {"method.name": "test_nan"},
                                      {"method.name": "test_raise", "method.marker": ""},
                                      {"method.name": "test_raise", "method.marker": flaky}]},

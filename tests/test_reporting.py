@@ -121,6 +121,87 @@ def test_tune_sees_every_epoch_once_and_a_stopped_trial_trains_no_further(tmp_pa
     assert stopped >= 2  # the two weakest trials were stopped at a rung
 
 
+def _sparse_trial(config: dict[str, Any]) -> None:
+    """A Tune trial of `epochs` epochs through an `EpochReporter` that checkpoints after
+    `interval` seconds, resuming from Tune's checkpoint; its first attempt fails after `fail_after`."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    tracker = Tracker(config["uri"])
+    run = TrackedRun(tracker, tracker.open_child(config["parent"], "trial", "kdsweep.trial_id", trial_id,
+                                                 trial_id, {}, {}))
+    log = Path(config["log"]) / "attempts.json"
+    attempts = json.loads(log.read_text()) if log.exists() else []
+    checkpoint = tune.get_checkpoint()
+    start = load_checkpoint(checkpoint.path)["epoch"] if checkpoint else 0
+    attempts.append({"resumed_from": start, "epochs": []})
+    try:
+        with EpochReporter(run, {}, config["decisions"], PhaseTimes(), config["interval"]) as reporter:
+            for epoch in range(start + 1, config["epochs"] + 1):
+                if len(attempts) == 1 and epoch > config["fail_after"]:
+                    raise RuntimeError("the first attempt dies here")
+                attempts[-1]["epochs"].append(epoch)
+                log.write_text(json.dumps(attempts))
+                reporter(EpochReport(epoch, {"val_acc": epoch / 10}, epoch == config["epochs"],
+                                     lambda epoch=epoch: {"epoch": epoch}))
+    finally:
+        run.flush()  # as the trainable's child_run does before the run ends, failed or not
+
+
+def test_checkpoints_follow_the_interval_and_a_retry_retrains_from_the_last(tmp_path) -> None:
+    """With an interval longer than the trial, only the decision epochs and the last are
+    checkpointed; Tune and MLflow still get every epoch, and a trial that fails after an epoch
+    with no checkpoint retrains from the last one, logging each epoch once."""
+    import ray
+    from ray import tune
+
+    from cluster.session import init_ray
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
+    config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 7, "decisions": frozenset({3}),
+              "interval": 3600.0, "fail_after": 5}
+    started = init_ray(None, num_cpus=1)
+    try:
+        results = tune.Tuner(
+            _sparse_trial, param_space=config,
+            tune_config=tune.TuneConfig(metric="val_acc", mode="max"),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="sparse", verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        ).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert not results.errors
+    (result,) = results
+    attempts = json.loads((tmp_path / "attempts.json").read_text())
+    assert attempts == [{"resumed_from": 0, "epochs": [1, 2, 3, 4, 5]},
+                        {"resumed_from": 3, "epochs": [4, 5, 6, 7]}]  # epochs 4, 5 had no checkpoint
+    trial_dir = Path(result.path)
+    saved = sorted(load_checkpoint(path)["epoch"] for path in trial_dir.glob("checkpoint_*"))
+    assert saved == [3, 7]  # the decision epoch and the last: none for the interval
+    reported = [json.loads(line)["training_iteration"] for line in (trial_dir / "result.json").read_text().splitlines()]
+    assert reported == [1, 2, 3, 4, 5, 4, 5, 6, 7]  # Tune saw every epoch, the retrained ones again
+    (run,) = tracker.children(parent, "trial")
+    history = tracker.client.get_metric_history(run.info.run_id, "val_acc")
+    assert sorted((m.step, m.value) for m in history) == [(e, e / 10) for e in range(1, 8)]  # each epoch once
+
+
+@pytest.mark.parametrize(("given", "seconds"), [(None, 60.0), ("0s", 0.0), (0, 0.0), ("2m", 120.0), (7.5, 7.5)])
+def test_the_checkpoint_interval_is_a_duration(spec_dict, given, seconds) -> None:
+    spec_dict["sweep"] = {} if given is None else {"checkpoint_interval": given}
+    assert SweepSpec.model_validate(spec_dict).sweep.checkpoint_interval == seconds
+
+
+@pytest.mark.parametrize("given", [-1, "soon", "2y", float("nan"), True, 10**6])
+def test_a_bad_checkpoint_interval_is_refused(spec_dict, given) -> None:
+    from sweeps.spec import SpecError
+
+    spec_dict["sweep"] = {"checkpoint_interval": given}
+    with pytest.raises((SpecError, ValueError), match="checkpoint_interval"):
+        SweepSpec.model_validate(spec_dict)
+
+
 def test_driver_parts_count_their_cpu_time() -> None:
     @driver_part("unit_test_part")
     def busy(n: int) -> int:
