@@ -4,18 +4,17 @@
 A warm-up sweep of one trial first trains the teacher into the stage store and fills the
 teacher-output cache for every epoch, as the first trials of any sweep do. The measured sweep
 then runs `--trials` trials, `--concurrent` at a time, with no early stopping so every trial
-trains every epoch, on
-configurations drawn once from the search space (seeded; the sweep's `initial_points`). Its
-trial phase (Tune's fit: actors, Optuna, MLflow runs and per-epoch logging, checkpoints) is
-timed. The same configurations are trained directly with `fit` (same sources, cache and
-options) in a pool of `--concurrent` already-started processes, once before the sweep and once
-after it: their mean is the baseline, so a drift of the machine's speed during the run (on a
-shared machine, 10-15% between minutes) weighs on both sides alike. Each phase starts its own
-Ray (as `kdsweep run` does). Prints the wall times and their ratio, then the breakdown: each
-trial's phase times as the trial recorded them (its MLflow run's `time_*` metrics:
-sweeps/timings.py), the time between trials' epochs, the driver's CPU time during Tune's fit,
-the CPU time of Ray's own processes, and the CPU time the hypervisor took from this machine
-(steal) in each phase.
+trains every epoch, on configurations drawn once from the search space (Optuna's random sampler,
+seeded; the sweep's `initial_points`). Its trial phase (Tune's fit: actors, Optuna, MLflow runs
+and per-epoch logging, checkpoints) is timed. The same configurations are trained directly with
+`fit` (same sources, cache and options) in a pool of `--concurrent` already-started processes,
+once before the sweep and once after it: their mean is the baseline, so a drift of the machine's
+speed during the run (on a shared machine, 10-15% between minutes) weighs on both sides alike.
+Each phase starts its own Ray (as `kdsweep run` does). Prints the wall times and their ratio,
+then the breakdown: each trial's phase times as the trial recorded them (its MLflow run's
+`time_*` metrics: sweeps/timings.py), the time between trials' epochs, the driver's CPU time
+during Tune's fit, the CPU time of Ray's own processes, and the CPU time the hypervisor took
+from this machine (steal) in each phase.
 
     .venv/bin/python benchmarks/sweep_overhead.py                        # digits, 12 x 60 epochs
     .venv/bin/python benchmarks/sweep_overhead.py --dataset fashion_mnist  # 55,000-image epochs
@@ -25,21 +24,23 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
-import math
+import contextlib
 import multiprocessing
 import os
-import random
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import optuna
 import psutil
 import ray
 from common import environment, write_json
 
 from cluster.session import init_ray
 from sweeps.runner import WORKER_ENV, run_sweep
+from sweeps.space import SearchSpace
 from sweeps.spec import SweepSpec
 
 SPEC: dict[str, Any] = {
@@ -117,20 +118,17 @@ def trial_breakdown(uri: str, parent_run_id: str) -> dict[str, float]:
     return {key: value / len(runs) for key, value in sorted(totals.items())}
 
 
-def fixed_points(search: dict[str, dict[str, Any]], trials: int, seed: int = 0) -> list[dict[str, float]]:
-    """`trials` configurations drawn from a search space of float ranges (uniform, or
-    log-uniform where `log`), seeded: what both the sweep and the direct fits train."""
-    rng = random.Random(seed)
+def fixed_points(spec: SweepSpec, trials: int, seed: int = 0) -> list[dict[str, Any]]:
+    """`trials` configurations drawn from the spec's search space (`sweeps.space.SearchSpace`)
+    by Optuna's seeded random sampler: what both the sweep and the direct fits train."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # as the sweep's driver sets it
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
     points = []
     for _ in range(trials):
-        point = {}
-        for name, bounds in search.items():
-            low, high = bounds["low"], bounds["high"]
-            if bounds.get("log"):
-                point[name] = math.exp(rng.uniform(math.log(low), math.log(high)))
-            else:
-                point[name] = rng.uniform(low, high)
-        points.append(point)
+        trial = study.ask()
+        SearchSpace(spec)(trial)
+        points.append(dict(trial.params))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)  # drawn, never trained here
     return points
 
 
@@ -147,13 +145,23 @@ def direct_pass(spec: SweepSpec, points: list[dict[str, float]], processes: int,
         return time.perf_counter() - started, fit_seconds
 
 
-def steal_seconds() -> float:
+def _steal_seconds() -> float:
     """CPU seconds so far that the hypervisor gave to other machines (Linux /proc/stat; 0 elsewhere)."""
     try:
         fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
         return int(fields[8]) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return 0.0
+
+
+@contextlib.contextmanager
+def stolen(steal: dict[str, float], phase: str) -> Iterator[None]:
+    """Adds to `steal[phase]` the CPU seconds the hypervisor took during the block."""
+    started = _steal_seconds()
+    try:
+        yield
+    finally:
+        steal[phase] = _steal_seconds() - started
 
 
 def trial_timeline(uri: str, parent_run_id: str, sweep_started: float, concurrent: int) -> dict[str, float]:
@@ -220,7 +228,7 @@ def main() -> None:
     SPEC["teacher"]["recipe"]["epochs"] = preset["teacher_epochs"]
     SPEC["recipe"]["epochs"] = args.epochs
     SPEC["sweep"].update(num_trials=args.trials, max_concurrent=args.concurrent)
-    points = fixed_points(SPEC["search"], args.trials)
+    points = fixed_points(SweepSpec.model_validate(SPEC), args.trials)
     spec = SweepSpec.model_validate({**SPEC, "sweep": {**SPEC["sweep"], "initial_points": points}})
     steal: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as work:
@@ -230,22 +238,19 @@ def main() -> None:
         warm = SweepSpec.model_validate({**SPEC, "sweep": {**SPEC["sweep"], "num_trials": 1}})
         run_sweep(warm, name="warm-up", storage=storage, tracking_uri=uri)
         ray.shutdown()
-        stolen = steal_seconds()
-        direct_before, fits_before = direct_pass(spec, points, args.concurrent, storage, uri)
-        steal["direct fits before"] = steal_seconds() - stolen
+        with stolen(steal, "direct fits before"):
+            direct_before, fits_before = direct_pass(spec, points, args.concurrent, storage, uri)
         init_ray(None, num_cpus=args.concurrent, env_vars=WORKER_ENV)
         daemons_before = ray_daemons_cpu()
         sweep_started = time.time()  # a little before Tune's fit starts: the sweep's own set-up is short
-        stolen = steal_seconds()
-        outcome = run_sweep(spec, name="measured", storage=storage, tracking_uri=uri)
-        steal["sweep"] = steal_seconds() - stolen
+        with stolen(steal, "sweep"):
+            outcome = run_sweep(spec, name="measured", storage=storage, tracking_uri=uri)
         daemons = {k: v - daemons_before.get(k, 0.0) for k, v in ray_daemons_cpu().items()}
         ray.shutdown()
         breakdown = trial_breakdown(uri, outcome.parent_run_id)
         timeline = trial_timeline(uri, outcome.parent_run_id, sweep_started, args.concurrent)
-        stolen = steal_seconds()
-        direct_after, fits_after = direct_pass(spec, points, args.concurrent, storage, uri)
-        steal["direct fits after"] = steal_seconds() - stolen
+        with stolen(steal, "direct fits after"):
+            direct_after, fits_after = direct_pass(spec, points, args.concurrent, storage, uri)
     direct_wall = (direct_before + direct_after) / 2
     fit_seconds = fits_before + fits_after
     ratio = outcome.tune_seconds / direct_wall

@@ -60,14 +60,19 @@ def test_a_frozen_report_saves_the_state_its_epoch_ended_with(digits, tmp_path) 
     assert any(not torch.equal(live["model"][k], v) for k, v in at_once["model"].items())  # the live one moved on
 
 
+def _trial_run(config: dict[str, Any], trial_id: str) -> TrackedRun:
+    """The trial's child run of `config["parent"]`, opened (or reopened) by trial id."""
+    tracker = Tracker(config["uri"])
+    return TrackedRun(tracker, tracker.open_child(config["parent"], "trial", "kdsweep.trial_id", trial_id,
+                                                  trial_id, {}, {}))
+
+
 def _reported_trial(config: dict[str, Any]) -> None:
     """A Tune trial whose "training" is a loop of epochs through `EpochReporter`, recording what it trained."""
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    tracker = Tracker(config["uri"])
-    run = TrackedRun(tracker, tracker.open_child(config["parent"], "trial", "kdsweep.trial_id", trial_id,
-                                                 trial_id, {}, {}))
+    run = _trial_run(config, trial_id)
     trained = Path(config["log"]) / f"{trial_id}.json"
     epochs: list[int] = []
     weight = torch.zeros(3)
@@ -127,9 +132,7 @@ def _sparse_trial(config: dict[str, Any]) -> None:
     from ray import tune
 
     trial_id = tune.get_context().get_trial_id()
-    tracker = Tracker(config["uri"])
-    run = TrackedRun(tracker, tracker.open_child(config["parent"], "trial", "kdsweep.trial_id", trial_id,
-                                                 trial_id, {}, {}))
+    run = _trial_run(config, trial_id)
     log = Path(config["log"]) / "attempts.json"
     attempts = json.loads(log.read_text()) if log.exists() else []
     checkpoint = tune.get_checkpoint()
