@@ -159,6 +159,7 @@ def test_checkpoints_follow_the_interval_and_a_retry_retrains_from_the_last(tmp_
     from ray import tune
 
     from cluster.session import init_ray
+    from sweeps.callbacks import JsonResults
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
@@ -170,7 +171,8 @@ def test_checkpoints_follow_the_interval_and_a_retry_retrains_from_the_last(tmp_
             _sparse_trial, param_space=config,
             tune_config=tune.TuneConfig(metric="val_acc", mode="max"),
             run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="sparse", verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[JsonResults()]),  # the sweep's result.json, restart-safe
         ).fit()
     finally:
         if started:
