@@ -58,8 +58,10 @@ SPEC: dict[str, Any] = {
 }
 
 
-def direct_fit(spec_data: dict[str, Any], sampled: dict[str, Any], storage: str, tracking_uri: str) -> float:
-    """One trial's configuration trained directly with `fit`; returns its wall seconds."""
+def direct_fit(spec_data: dict[str, Any], sampled: dict[str, Any], storage: str,
+               tracking_uri: str) -> tuple[float, float]:
+    """One trial's configuration trained directly with `fit`: (wall seconds of all of it, CPU
+    seconds of `fit` itself, as a trial's `time_fit_cpu`)."""
     from kd_core.train import fit
     from sweeps.pipeline import SweepContext, build_distiller, fit_options, load_dataset, trial_sources, worker_setup
     from sweeps.space import resolve_trial
@@ -73,9 +75,10 @@ def direct_fit(spec_data: dict[str, Any], sampled: dict[str, Any], storage: str,
     data = load_dataset(spec.data.model_dump())
     sources = trial_sources(spec, plan, data, context, Tracker(tracking_uri), "cpu")  # from the stage store
     distiller = build_distiller(plan, data, spec.sweep.seed, sources, "cpu")
-    fit(distiller, data, plan.recipe, seed=spec.sweep.seed,
-        **fit_options(context, distiller, sources, data, spec.data.model_dump()))
-    return time.perf_counter() - started
+    options = fit_options(context, distiller, sources, data, spec.data.model_dump())
+    cpu = time.process_time()
+    fit(distiller, data, plan.recipe, seed=spec.sweep.seed, **options)
+    return time.perf_counter() - started, time.process_time() - cpu
 
 
 def warm_up() -> None:
@@ -133,8 +136,9 @@ def fixed_points(spec: SweepSpec, trials: int, seed: int = 0) -> list[dict[str, 
 
 
 def direct_pass(spec: SweepSpec, points: list[dict[str, float]], processes: int, storage: Path,
-                uri: str) -> tuple[float, list[float]]:
-    """The configurations trained with `fit` in `processes` started processes: (wall, each fit's seconds)."""
+                uri: str) -> tuple[float, list[tuple[float, float]]]:
+    """The configurations trained with `fit` in `processes` started processes: (wall, each fit's
+    (wall, CPU) seconds)."""
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(processes, mp_context=context) as pool:
         for warming in [pool.submit(warm_up) for _ in range(processes)]:
@@ -210,6 +214,8 @@ PHASES = {  # time_* metric: what it is (sweeps/trainable.py, sweeps/reporting.p
     "time_checkpoint": "reporting thread: checkpoint file",
     "time_tune_report": "reporting thread: tune.report round trip",
     "time_report_cpu": "reporting thread: its CPU time (all of it)",
+    "time_fit_cpu": "training thread: its CPU time while training",
+    "time_other_threads_cpu": "actor's other threads: CPU while training",
 }
 
 
@@ -252,12 +258,14 @@ def main() -> None:
         with stolen(steal, "direct fits after"):
             direct_after, fits_after = direct_pass(spec, points, args.concurrent, storage, uri)
     direct_wall = (direct_before + direct_after) / 2
-    fit_seconds = fits_before + fits_after
+    fit_seconds = [wall for wall, _ in fits_before + fits_after]
+    fit_cpu = [cpu for _, cpu in fits_before + fits_after]
     ratio = outcome.tune_seconds / direct_wall
     student = preset["student"]
     print(f"{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, 1 CPU each "
           f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), {os.cpu_count()} CPUs")
     print(f"mean of the direct fit times:            {sum(fit_seconds) / len(fit_seconds):8.1f} s")
+    print(f"mean CPU of a direct fit's `fit`:         {sum(fit_cpu) / len(fit_cpu):8.1f} s")
     print(f"direct fits, {args.concurrent} processes, before the sweep: {direct_before:8.1f} s (wall)")
     print(f"direct fits, {args.concurrent} processes, after the sweep:  {direct_after:8.1f} s (wall)")
     print(f"direct fits, the mean of both:           {direct_wall:8.1f} s")
@@ -286,6 +294,7 @@ def main() -> None:
     print(f"\nsweep trial phase / direct fits: {ratio:.3f}  (target <= 1.10; <= 1.05 with Fashion-MNIST epochs)")
     write_json(f"sweep_overhead_{args.dataset}", {
         "config": vars(args), "environment": environment(), "points": points, "fit_seconds": fit_seconds,
+        "fit_cpu_seconds": fit_cpu,
         "direct_wall_before": direct_before, "direct_wall_after": direct_after, "direct_wall": direct_wall,
         "steal_seconds": steal,
         "sweep_tune_seconds": outcome.tune_seconds, "sweep_seconds": outcome.seconds,

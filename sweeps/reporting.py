@@ -1,7 +1,7 @@
 """How a trial's epochs reach MLflow and Tune without holding up its training.
 
 A Tune function trainable blocks in `tune.report` until the driver has handled the result
-(searcher, scheduler, callbacks, snapshot) and asked for the next one: a round trip per epoch.
+(searcher, scheduler, callbacks, snapshot) and asked for the next one: a round trip per result.
 `EpochReporter` makes that trip, the MLflow write and the checkpoint file on a second thread
 while the next epoch trains, and adds the time of each to the trial's `PhaseTimes`.
 """
@@ -14,6 +14,8 @@ import time
 from collections.abc import Collection
 from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
+
+from ray.air.constants import TRAINING_ITERATION
 
 from kd_core.train import EpochReport
 from sweeps.spec import SweepSpec
@@ -34,8 +36,9 @@ def decision_epochs(spec: SweepSpec) -> frozenset[int]:
 
 
 class EpochReporter:
-    """`fit`'s callback in a trial: each epoch is logged to MLflow and reported to Tune on a
-    reporting thread while the next epoch trains, with a checkpoint when one is due.
+    """`fit`'s callback in a trial: each epoch is logged to MLflow and, when a result is due,
+    reported to Tune, on a reporting thread while the next epoch trains, with a checkpoint when
+    one is due.
 
     A checkpoint is due after the last epoch, after `decision_epochs` (where the scheduler may
     stop the trial, so a stopped trial's checkpoint holds its end) and once `checkpoint_interval`
@@ -45,32 +48,42 @@ class EpochReporter:
     (`EpochReport.frozen`), so resume is exact; MLflow holds every epoch up to a checkpoint
     before Tune has it, so a trial resumed from it leaves no epoch unlogged.
 
-    At most one epoch is in flight: a call first waits for the previous report, so a trial runs
-    at most one epoch ahead of what Tune has seen. After decision epochs and the last epoch it
-    waits for Tune's answer at once, so a stopped trial trains no epoch past its stop and a
-    reused actor is free at once. Whatever the reporting thread raised (SystemExit: Tune stopped
-    the trial) is raised in the training thread at the next call, or on leaving the `with` block
-    unless the block itself raised.
+    A result to Tune is due with every checkpoint and once `report_interval` seconds have passed
+    since the previous result (0: every epoch); its `training_iteration` is the epoch (Tune keeps
+    a value the trainable reports), so the scheduler's rungs and every count of epochs done stay
+    in epochs. Each result costs milliseconds of CPU in the trial, Ray and the driver (searcher,
+    scheduler, callbacks): on sub-second epochs, several percent of the training's CPU.
+
+    At most one epoch is in flight: a call first waits for the previous epoch's report. After
+    decision epochs and the last epoch it waits for Tune's answer at once, so a stopped trial
+    trains no epoch past its stop and a reused actor is free at once. Whatever the reporting
+    thread raised (SystemExit: Tune stopped the trial) is raised in the training thread at the
+    next call, or on leaving the `with` block unless the block itself raised.
     """
 
     def __init__(self, run: TrackedRun, extra_metrics: dict[str, float], decisions: Collection[int],
-                 times: PhaseTimes, checkpoint_interval: float = 0.0) -> None:
+                 times: PhaseTimes, checkpoint_interval: float = 0.0, report_interval: float = 0.0) -> None:
         self.run, self.extra_metrics, self.decisions, self.times = run, extra_metrics, decisions, times
-        self.checkpoint_interval = checkpoint_interval
-        self._checkpointed = time.monotonic()  # the trial's start counts as one: a first is due an interval later
+        self.checkpoint_interval, self.report_interval = checkpoint_interval, report_interval
+        # The trial's start counts as both: the first of each is due an interval later.
+        self._checkpointed = self._reported = time.monotonic()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="kdsweep-report")
         self._pending: Future[None] | None = None
 
     def __call__(self, epoch: EpochReport) -> None:
         self.wait()
+        now = time.monotonic()
         deciding = epoch.is_last or epoch.epoch in self.decisions
-        due = deciding or time.monotonic() - self._checkpointed >= self.checkpoint_interval
+        due = deciding or now - self._checkpointed >= self.checkpoint_interval
+        to_tune = due or now - self._reported >= self.report_interval
         frozen = None
         if due:
             with self.times.phase("snapshot"):
                 frozen = epoch.frozen()
             self._checkpointed = time.monotonic()
-        self._pending = self._thread.submit(self._report, epoch.epoch, dict(epoch.metrics), frozen)
+        if to_tune:
+            self._reported = now
+        self._pending = self._thread.submit(self._report, epoch.epoch, dict(epoch.metrics), to_tune, frozen)
         if deciding:
             self.wait()
 
@@ -81,18 +94,21 @@ class EpochReporter:
             with self.times.phase("report_wait"):
                 pending.result()
 
-    def _report(self, epoch: int, metrics: dict[str, float], checkpoint: EpochReport | None) -> None:
+    def _report(self, epoch: int, metrics: dict[str, float], to_tune: bool, checkpoint: EpochReport | None) -> None:
         cpu = time.thread_time()
         try:
-            self._write(epoch, metrics, checkpoint)
+            self._write(epoch, metrics, to_tune, checkpoint)
         finally:
             self.times.add("report_cpu", time.thread_time() - cpu)  # what it took from the trial's CPUs
 
-    def _write(self, epoch: int, metrics: dict[str, float], checkpoint: EpochReport | None) -> None:
+    def _write(self, epoch: int, metrics: dict[str, float], to_tune: bool, checkpoint: EpochReport | None) -> None:
         from ray import tune
 
-        self.run.log_epoch(epoch, metrics)  # queued: MLflow writes it in the background
-        metrics = {**metrics, **self.extra_metrics}
+        with self.times.phase("mlflow_log"):
+            self.run.log_epoch(epoch, metrics)  # held, written every few seconds
+        if not to_tune:
+            return
+        metrics = {**metrics, **self.extra_metrics, TRAINING_ITERATION: epoch}
         if checkpoint is None:
             with self.times.phase("tune_report"):
                 tune.report(metrics)

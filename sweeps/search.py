@@ -51,8 +51,9 @@ class SearchStateError(SpecError):
 class SweepSearch(OptunaSearch):
     """OptunaSearch that tells trials stopped before `epochs` as PRUNED (see the module docstring).
 
-    Single-objective: the intermediate values are reported per epoch (Tune's training
-    iteration) and Optuna takes the last one as the pruned trial's value. Multi-objective
+    Single-objective: an intermediate value is reported per Tune result, at its epoch (the
+    trainable reports `training_iteration` = epoch; `sweep.report_interval`), and Optuna takes
+    the last one, the epoch the trial stopped at, as the pruned trial's value. Multi-objective
     studies cannot hold intermediate values (Optuna raises on `report`), so a stopped trial is
     PRUNED without values there, as `study.optimize` records a multi-objective TrialPruned.
     """

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
 
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
 BATCH = 100  # MLflow's limit of params per log_batch call
+METRIC_BATCH = 1000  # and of metrics
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 # MLflow 3's UI opens an experiment by its kind: model development opens on its runs (GenAI would
 # open on traces). The tag and value are the UI's (mlflow/server/js: ExperimentKind).
@@ -169,15 +170,18 @@ class Tracker:
         """The last step logged for `key` (0 if none): a resumed run skips what it logged."""
         return max((m.step for m in self.client.get_metric_history(run_id, key)), default=0)
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, *, synchronous: bool = True) -> Any:
-        """One batch of metrics at `step`. `synchronous=False` queues it on MLflow's asynchronous
-        logging thread and returns its `RunOperations` (`.wait()` raises what writing it raised)."""
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        """Metrics at `step`, stamped now."""
+        self.log_steps(run_id, [(step, int(time.time() * 1000), metrics)])
+
+    def log_steps(self, run_id: str, steps: list[tuple[int, int, dict[str, float]]]) -> None:
+        """Metrics of several steps, each `(step, timestamp in ms, {key: value})`, in as few
+        writes as MLflow's batch limit allows."""
         from mlflow.entities import Metric
 
-        now = int(time.time() * 1000)
-        return self.client.log_batch(
-            run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()], synchronous=synchronous,
-        )
+        items = [Metric(k, float(v), stamp, step) for step, stamp, metrics in steps for k, v in metrics.items()]
+        for start in range(0, len(items), METRIC_BATCH):
+            self.client.log_batch(run_id, metrics=items[start:start + METRIC_BATCH])
 
     def set_tags(self, run_id: str, run_tags: dict[str, str]) -> None:
         from mlflow.entities import RunTag
@@ -236,25 +240,37 @@ def end_status(epochs_done: int, epochs: int, error: BaseException | str | None 
 
 class TrackedRun:
     """A child run while it is open: epochs are logged once each, even when a retried or
-    resumed run trains some of them again. Epochs are written by MLflow's asynchronous logging
-    (training does not wait for the store); `flush` waits until all of them are written, and
-    `child_run` flushes before it sets the run's status."""
+    resumed run trains some of them again.
 
-    def __init__(self, tracker: Tracker, run_id: str) -> None:
-        self.tracker, self.run_id = tracker, run_id
+    Epochs are held and written together, once `write_every` seconds have passed since the last
+    write (a short epoch costs one store write per few epochs, not one each) and by `flush`;
+    `child_run` flushes before it sets the run's status. Writes are synchronous, on the thread
+    that logs (a trial's reporting thread, `sweeps.reporting`). Not MLflow's asynchronous
+    logging: ending a run after it (`set_terminated`) waits up to 1 s for MLflow's idle writer
+    thread (its queue is polled with a 1 s timeout), a second lost between every two trials.
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, write_every: float = 2.0) -> None:
+        self.tracker, self.run_id, self.write_every = tracker, run_id, write_every
         self.epochs_done = tracker.last_step(run_id)  # > 0 after a retry or resume
-        self._writing: list[Any] = []  # RunOperations not yet waited for
+        self._held: list[tuple[int, int, dict[str, float]]] = []  # (epoch, ms, metrics) not yet written
+        self._written = time.monotonic()
 
     def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Holds the epoch's metrics (stamped now) unless the run has the epoch; writes what is
+        held once `write_every` seconds have passed. Raises what writing raised."""
         if epoch > self.epochs_done:
-            self._writing.append(self.tracker.log_metrics(self.run_id, metrics, epoch, synchronous=False))
+            self._held.append((epoch, int(time.time() * 1000), dict(metrics)))
             self.epochs_done = epoch
+        if time.monotonic() - self._written >= self.write_every:
+            self.flush()
 
     def flush(self) -> None:
-        """Wait until every epoch logged so far is in the store; raises what writing one raised."""
-        writing, self._writing = self._writing, []
-        for operations in writing:
-            operations.wait()
+        """Writes every epoch held; raises what writing raised."""
+        held, self._held = self._held, []
+        self._written = time.monotonic()
+        if held:
+            self.tracker.log_steps(self.run_id, held)
 
     def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
         self.tracker.log_metrics(self.run_id, metrics, step)

@@ -1,11 +1,12 @@
-"""The Tune function trainable: resolve the trial's plan and sources, train, report per epoch.
+"""The Tune function trainable: resolve the trial's plan and sources, train, log and report its epochs.
 
 With `sweep.workers_per_trial` > 1 the trial's actor is rank 0 of a DDP group whose other
 ranks it starts (`sweeps.data_parallel`): the stages it trains and the trial train on all of
 them; it alone logs, checkpoints and reports.
 
-One `tune.report` per epoch, made while the next epoch trains, with a checkpoint when one is due
-(`sweeps.reporting.EpochReporter`, `sweep.checkpoint_interval`); a restarted trial resumes from
+Each epoch is logged to MLflow, and a `tune.report` is made when one is due, while the next
+epoch trains, with a checkpoint when one is due (`sweeps.reporting.EpochReporter`,
+`sweep.report_interval`, `sweep.checkpoint_interval`); a restarted trial resumes from
 `tune.get_checkpoint()` and reopens its MLflow child run by trial id (`child_run`).
 """
 
@@ -99,12 +100,18 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
                 resume = load_checkpoint(directory)
         if group is not None:
             run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
+        cpu = time.thread_time(), time.process_time()
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
-                    EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval) as reporter:
+                    EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval,
+                                  spec.sweep.report_interval) as reporter:
                 fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
                     data_parallel=parallel, **options)
         finally:
+            # CPU while it trained: of the training thread, and of the actor's other threads
+            # (reporting, MLflow's writer, Ray's own), which take it from the same CPUs.
+            times.add("fit_cpu", time.thread_time() - cpu[0])
+            times.add("other_threads_cpu", time.process_time() - cpu[1] - (time.thread_time() - cpu[0]))
             # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
             with contextlib.suppress(MlflowException):
                 run.log_metrics(times.metrics(), step=run.epochs_done)

@@ -60,10 +60,16 @@ def test_parent_and_children_have_terminal_statuses(sweep) -> None:
 
 
 def test_the_study_records_stopped_trials_as_pruned(sweep) -> None:
-    """TPE sees what happened: finished trials COMPLETE, ASHA-stopped ones PRUNED with one
-    intermediate value per epoch they trained (not COMPLETE with a partial value)."""
+    """TPE sees what happened: finished trials COMPLETE, ASHA-stopped ones PRUNED (not COMPLETE
+    with a partial value), each with intermediate values at the epochs reported to Tune: ASHA's
+    decision epochs and the last one trained, whose value is the trial's."""
     import optuna
 
+    from sweeps.reporting import decision_epochs
+    from sweeps.spec import SweepSpec
+    from tests.sweep_cli import SPEC
+
+    decisions = decision_epochs(SweepSpec.model_validate(SPEC))
     tracker, parent = sweep["tracker"], sweep["parent"]
     study = optuna.load_study(study_name=NAME, storage=f"sqlite:///{sweep['work'] / 'kdsweep_storage' / NAME / 'study.db'}")
     epochs = {"FINISHED": [], "KILLED": []}
@@ -72,8 +78,11 @@ def test_the_study_records_stopped_trials_as_pruned(sweep) -> None:
     states = {"FINISHED": optuna.trial.TrialState.COMPLETE, "KILLED": optuna.trial.TrialState.PRUNED}
     for status, state in states.items():
         recorded = [t for t in study.trials if t.state == state]
-        assert sorted(len(t.intermediate_values) for t in recorded) == sorted(epochs[status]), status
-        assert all(t.value == t.intermediate_values[max(t.intermediate_values)] for t in recorded)
+        assert sorted(max(t.intermediate_values) for t in recorded) == sorted(epochs[status]), status
+        for trial in recorded:
+            last = max(trial.intermediate_values)
+            assert {e for e in decisions if e <= last} <= trial.intermediate_values.keys() <= set(range(1, last + 1))
+            assert trial.value == trial.intermediate_values[last]
 
 
 def test_a_real_experiments_search_state_passes_the_resume_check(sweep) -> None:

@@ -76,7 +76,8 @@ def _reported_trial(config: dict[str, Any]) -> None:
     trained = Path(config["log"]) / f"{trial_id}.json"
     epochs: list[int] = []
     weight = torch.zeros(3)
-    with EpochReporter(run, {"cost": 1.0}, config["decisions"], PhaseTimes()) as reporter:
+    with EpochReporter(run, {"cost": 1.0}, config["decisions"], PhaseTimes(), config["interval"],
+                       config["interval"]) as reporter:
         for epoch in range(1, config["epochs"] + 1):
             weight += 1  # in place, as training does: a checkpoint must hold this epoch's value
             epochs.append(epoch)
@@ -87,25 +88,31 @@ def _reported_trial(config: dict[str, Any]) -> None:
     run.flush()
 
 
-def test_tune_sees_every_epoch_once_and_a_stopped_trial_trains_no_further(tmp_path) -> None:
+@pytest.mark.parametrize("interval", [0.0, 3600.0])
+def test_tune_sees_its_epochs_once_and_a_stopped_trial_trains_no_further(tmp_path, interval) -> None:
+    """Every epoch (interval 0) or only the decision epochs and the last (an interval longer
+    than the trial) reach Tune, as `training_iteration` = epoch; ASHA stops the weak trials at a
+    rung, where they stopped training; MLflow has every epoch trained, once."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from cluster.session import init_ray
+    from sweeps.callbacks import JsonResults
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
     decisions = frozenset({1, 2, 4})  # ASHA(max_t=8, grace 1, factor 2) without the last epoch
     config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 8, "decisions": decisions,
-              "quality": tune.grid_search([1.0, 0.1, 0.5, 0.05])}
+              "interval": interval, "quality": tune.grid_search([1.0, 0.1, 0.5, 0.05])}
     started = init_ray(None, num_cpus=2)
     try:
         results = tune.Tuner(
             _reported_trial, param_space=config,
             tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=1, reuse_actors=True,
                                         scheduler=ASHAScheduler(max_t=8, grace_period=1, reduction_factor=2)),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="reporting", verbose=0),
+            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="reporting", verbose=0,
+                                      callbacks=[JsonResults()]),
         ).fit()
     finally:
         if started:
@@ -117,6 +124,9 @@ def test_tune_sees_every_epoch_once_and_a_stopped_trial_trains_no_further(tmp_pa
         trial = json.loads((tmp_path / f"{result.metrics['trial_id']}.json").read_text())
         assert trial["epochs"] == list(range(1, reported + 1))  # trained exactly what Tune saw, not one more
         stopped += reported < 8
+        seen = [json.loads(line)["training_iteration"] for line in (Path(result.path) / "result.json").open()]
+        due = range(1, reported + 1) if interval == 0 else sorted({*decisions, 8})
+        assert seen == [epoch for epoch in due if epoch <= reported]
         history = tracker.client.get_metric_history(trial["run"], "score")
         assert sorted(m.step for m in history) == list(range(1, reported + 1))  # each epoch once
         assert result.metrics["cost"] == 1.0
@@ -139,7 +149,7 @@ def _sparse_trial(config: dict[str, Any]) -> None:
     start = load_checkpoint(checkpoint.path)["epoch"] if checkpoint else 0
     attempts.append({"resumed_from": start, "epochs": []})
     try:
-        with EpochReporter(run, {}, config["decisions"], PhaseTimes(), config["interval"]) as reporter:
+        with EpochReporter(run, {}, config["decisions"], PhaseTimes(), config["interval"]) as reporter:  # Tune: every epoch
             for epoch in range(start + 1, config["epochs"] + 1):
                 if len(attempts) == 1 and epoch > config["fail_after"]:
                     raise RuntimeError("the first attempt dies here")
@@ -192,18 +202,20 @@ def test_checkpoints_follow_the_interval_and_a_retry_retrains_from_the_last(tmp_
     assert sorted((m.step, m.value) for m in history) == [(e, e / 10) for e in range(1, 8)]  # each epoch once
 
 
-@pytest.mark.parametrize(("given", "seconds"), [(None, 60.0), ("0s", 0.0), (0, 0.0), ("2m", 120.0), (7.5, 7.5)])
-def test_the_checkpoint_interval_is_a_duration(spec_dict, given, seconds) -> None:
-    spec_dict["sweep"] = {} if given is None else {"checkpoint_interval": given}
-    assert SweepSpec.model_validate(spec_dict).sweep.checkpoint_interval == seconds
+@pytest.mark.parametrize(("field", "default"), [("checkpoint_interval", 60.0), ("report_interval", 5.0)])
+@pytest.mark.parametrize(("given", "seconds"), [(None, None), ("0s", 0.0), (0, 0.0), ("2m", 120.0), (7.5, 7.5)])
+def test_the_intervals_are_durations(spec_dict, field, default, given, seconds) -> None:
+    spec_dict["sweep"] = {} if given is None else {field: given}
+    assert getattr(SweepSpec.model_validate(spec_dict).sweep, field) == (default if given is None else seconds)
 
 
 @pytest.mark.parametrize("given", [-1, "soon", "2y", float("nan"), True, 10**6])
-def test_a_bad_checkpoint_interval_is_refused(spec_dict, given) -> None:
+@pytest.mark.parametrize("field", ["checkpoint_interval", "report_interval"])
+def test_a_bad_interval_is_refused(spec_dict, field, given) -> None:
     from sweeps.spec import SpecError
 
-    spec_dict["sweep"] = {"checkpoint_interval": given}
-    with pytest.raises((SpecError, ValueError), match="checkpoint_interval"):
+    spec_dict["sweep"] = {field: given}
+    with pytest.raises((SpecError, ValueError), match=field):
         SweepSpec.model_validate(spec_dict)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
 from sweeps import tags
-from sweeps.tracking import Tracker
+from sweeps.tracking import TrackedRun, Tracker
 
 
 def test_a_run_created_before_a_crash_gets_its_params_when_reopened(tmp_path) -> None:
@@ -25,3 +25,40 @@ def test_a_run_created_before_a_crash_gets_its_params_when_reopened(tmp_path) ->
     assert tracker.open_child(parent, "trial", tags.TRIAL_ID, "t1", "trial-t1", params, {}) == orphan
     assert tracker.child_by_key(parent, "trial", tags.TRIAL_ID, "t2").info.run_id == other
     assert tracker.child_by_key(parent, "trial", tags.TRIAL_ID, "t3") is None
+
+
+def _history(tracker: Tracker, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in tracker.client.get_metric_history(run_id, key))
+
+
+def test_epochs_are_held_until_write_every_passes_or_a_flush(tmp_path) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracker.start_sweep(tracker.experiment_id("tracking"), "s", {})
+    run_id = tracker.open_child(parent, "trial", tags.TRIAL_ID, "t1", "trial-t1", {}, {})
+    held = TrackedRun(tracker, run_id, write_every=3600)
+    for epoch in (1, 2, 3):
+        held.log_epoch(epoch, {"val_acc": epoch / 10, "train_loss": 1 / epoch})
+    assert _history(tracker, run_id, "val_acc") == []  # nothing written before the interval or a flush
+    held.flush()
+    assert _history(tracker, run_id, "val_acc") == [(1, 0.1), (2, 0.2), (3, 0.3)]
+    assert _history(tracker, run_id, "train_loss") == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    stamps = [m.timestamp for m in sorted(tracker.client.get_metric_history(run_id, "val_acc"), key=lambda m: m.step)]
+    assert stamps == sorted(stamps)  # each epoch stamped when it was logged, not when written
+    # A retried trial reopens the run: the epochs it holds are skipped, later ones written at once.
+    again = TrackedRun(tracker, run_id, write_every=0)
+    assert again.epochs_done == 3
+    for epoch in (2, 3, 4):
+        again.log_epoch(epoch, {"val_acc": epoch, "train_loss": 0.0})
+    assert _history(tracker, run_id, "val_acc") == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 4.0)]
+
+
+def test_a_batch_over_mlflows_limit_is_split(tmp_path) -> None:
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracker.start_sweep(tracker.experiment_id("tracking"), "s", {})
+    run_id = tracker.open_child(parent, "trial", tags.TRIAL_ID, "t1", "trial-t1", {}, {})
+    run = TrackedRun(tracker, run_id, write_every=3600)
+    for epoch in range(1, 401):  # 400 epochs x 3 metrics: 1200, over MLflow's 1000 per log_batch
+        run.log_epoch(epoch, {"a": epoch, "b": -epoch, "c": 0.5})
+    run.flush()
+    assert _history(tracker, run_id, "a") == [(e, float(e)) for e in range(1, 401)]
+    assert len(tracker.client.get_metric_history(run_id, "c")) == 400
