@@ -18,6 +18,7 @@ import ray
 
 from kd_core.train import EpochReport, fit
 from sweeps import tags
+from sweeps.child_runs import child_run
 from sweeps.data_parallel import WorkerGroup, submit, worker_group
 from sweeps.pipeline import (
     SweepContext,
@@ -29,7 +30,7 @@ from sweeps.pipeline import (
 )
 from sweeps.results import METRIC, TrialSummary, ranked
 from sweeps.space import resolve_trial
-from sweeps.tracking import Tracker, child_run
+from sweeps.tracking import Tracker
 from sweeps.trainable import trial_params
 
 

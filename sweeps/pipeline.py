@@ -25,11 +25,12 @@ from kd_core.recipes import Recipe
 from kd_core.stages import CorruptStageError, StageRecord, StageSpec, StageStore, TrainedStage
 from kd_core.train import EpochReport, evaluate, fit
 from sweeps import tags
+from sweeps.child_runs import child_run
 from sweeps.pretrained import initialise
 from sweeps.sources import source_plan, source_stages
 from sweeps.space import TrialPlan
 from sweeps.spec import SweepSettings, SweepSpec, load_plugins
-from sweeps.tracking import Tracker, child_run
+from sweeps.tracking import Tracker
 
 LOG = logging.getLogger("kdsweep")
 CACHE_DIR = "teacher_cache"  # under the sweep storage, beside the stage store

@@ -18,9 +18,9 @@ from types import TracebackType
 from ray.air.constants import TRAINING_ITERATION
 
 from kd_core.train import EpochReport
+from sweeps.child_runs import TrackedRun
 from sweeps.spec import SweepSpec
 from sweeps.timings import PhaseTimes
-from sweeps.tracking import TrackedRun
 
 
 def decision_epochs(spec: SweepSpec) -> frozenset[int]:

@@ -1,17 +1,16 @@
 """MLflow tracking: one parent run per sweep, one child run per trial, stage or re-training.
 
 Runs are addressed by explicit ids through `MlflowClient` (no global active run), so the
-same code works in trial processes and the driver. `child_run` owns a child run's life (open
-or reopen, log each epoch once, end with a status and reason); `end_status` is the one rule
-for that status, used by the driver too when it closes runs a stopped or dead process left.
+same code works in trial processes and the driver. `end_status` is the one rule for a child
+run's terminal status, used by the training process (`sweeps.child_runs.child_run`) and by the
+driver when it closes runs a stopped or dead process left.
 """
 
 from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -236,74 +235,3 @@ def end_status(epochs_done: int, epochs: int, error: BaseException | str | None 
     if epochs_done >= epochs:
         return "FINISHED", None
     return "KILLED", f"stopped early by the scheduler after {epochs_done} of {epochs} epochs"
-
-
-class TrackedRun:
-    """A child run while it is open: epochs are logged once each, even when a retried or
-    resumed run trains some of them again.
-
-    Epochs are held and written together, once `write_every` seconds have passed since the last
-    write (a short epoch costs one store write per few epochs, not one each) and by `flush`;
-    `child_run` flushes before it sets the run's status. Writes are synchronous, on the thread
-    that logs (a trial's reporting thread, `sweeps.reporting`). Not MLflow's asynchronous
-    logging: ending a run after it (`set_terminated`) waits up to 1 s for MLflow's idle writer
-    thread (its queue is polled with a 1 s timeout), a second lost between every two trials.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str, write_every: float = 2.0) -> None:
-        self.tracker, self.run_id, self.write_every = tracker, run_id, write_every
-        self.epochs_done = tracker.last_step(run_id)  # > 0 after a retry or resume
-        self._held: list[tuple[int, int, dict[str, float]]] = []  # (epoch, ms, metrics) not yet written
-        self._written = time.monotonic()
-
-    def log_epoch(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Holds the epoch's metrics (stamped now) unless the run has the epoch; writes what is
-        held once `write_every` seconds have passed. Raises what writing raised."""
-        if epoch > self.epochs_done:
-            self._held.append((epoch, int(time.time() * 1000), dict(metrics)))
-            self.epochs_done = epoch
-        if time.monotonic() - self._written >= self.write_every:
-            self.flush()
-
-    def flush(self) -> None:
-        """Writes every epoch held; raises what writing raised."""
-        held, self._held = self._held, []
-        self._written = time.monotonic()
-        if held:
-            self.tracker.log_steps(self.run_id, held)
-
-    def log_metrics(self, metrics: dict[str, float], step: int = 0) -> None:
-        self.tracker.log_metrics(self.run_id, metrics, step)
-
-    def set_tags(self, run_tags: dict[str, str]) -> None:
-        self.tracker.set_tags(self.run_id, run_tags)
-
-
-@contextmanager
-def child_run(
-    tracker: Tracker, parent_run_id: str, *, role: str, key_tag: str, key: str, name: str, epochs: int,
-    params: dict[str, Any], run_tags: dict[str, str] | None = None, stopped_by: Callable[[], str | None] | None = None,
-) -> Iterator[TrackedRun]:
-    """Open (or reopen) a child run; on leaving, end it with `end_status` of what happened.
-
-    Raises whatever the body raised, after the run has its terminal status and reason.
-    """
-    run = TrackedRun(tracker, tracker.open_child(parent_run_id, role, key_tag, key, name, params, run_tags or {}))
-    try:
-        try:
-            yield run
-        finally:
-            run.flush()  # what was logged is in the store before the run's status says it ended
-    except SystemExit:
-        # Tune stopped the trial. A scheduler stop reaches the driver's CloseTrialRuns before the
-        # trial, so a run still open was stopped by something else: `stopped_by` says what.
-        if run.epochs_done >= epochs:
-            tracker.finish(run.run_id, "FINISHED")
-        else:
-            cause = (stopped_by() if stopped_by else None) or "stopped by Ray (its worker was told to exit)"
-            tracker.finish_if_running(run.run_id, "KILLED", f"{cause} after {run.epochs_done} of {epochs} epochs")
-        raise
-    except BaseException as error:
-        tracker.finish(run.run_id, *end_status(run.epochs_done, epochs, error))
-        raise
-    tracker.finish(run.run_id, "FINISHED")

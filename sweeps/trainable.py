@@ -24,6 +24,7 @@ from ray import tune
 from kd_core.cost import LatencyProtocol, measure_costs
 from kd_core.train import fit, load_checkpoint
 from sweeps import tags
+from sweeps.child_runs import child_run
 from sweeps.data_parallel import WorkerGroup, worker_group
 from sweeps.interrupts import interruption
 from sweeps.pipeline import (
@@ -41,7 +42,7 @@ from sweeps.reporting import EpochReporter, decision_epochs
 from sweeps.space import TrialPlan, resolve_trial
 from sweeps.spec import SweepSpec
 from sweeps.timings import PhaseTimes, process_start_seconds
-from sweeps.tracking import Tracker, child_run
+from sweeps.tracking import Tracker
 
 
 def trial_params(spec: SweepSpec, plan: TrialPlan) -> dict[str, Any]:

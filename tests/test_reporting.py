@@ -13,10 +13,11 @@ import torch
 
 from kd_core.recipes import build_recipe
 from kd_core.train import EpochReport, fit, load_checkpoint
+from sweeps.child_runs import TrackedRun
 from sweeps.reporting import EpochReporter, decision_epochs
 from sweeps.spec import SweepSpec
 from sweeps.timings import DRIVER_CPU, PhaseTimes, driver_part
-from sweeps.tracking import TrackedRun, Tracker
+from sweeps.tracking import Tracker
 from tests.test_train import ce_distiller
 
 

@@ -142,9 +142,9 @@ def test_delete_removes_the_sweep_and_frees_its_name(workspace, warm) -> None:
 def test_cancel_from_another_process_then_resume(workspace) -> None:
     work, tracker, uri = workspace["work"], workspace["tracker"], workspace["uri"]
     stopped = {**spec(num_trials=2), "tracking": {"experiment": "control", "registered_model": "control_student"}}
-    # Epochs take well under a second: 20 leave the cancel time to land mid-trial (with 6 both
-    # trials once ended between the first epoch and the cancel).
-    stopped["recipe"]["epochs"] = 20
+    # Epochs take a tenth of a second: 60 leave the cancel time to land mid-trial (with 6, and
+    # with 20 once trials no longer waited for Tune every epoch, both ended before it landed).
+    stopped["recipe"]["epochs"] = 60
     (work / "stopped.yaml").write_text(yaml.safe_dump(stopped, sort_keys=False))
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     log = work / "stopped.log"  # a file, not a pipe: a full pipe would block the driver
