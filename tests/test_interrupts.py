@@ -28,7 +28,9 @@ SPEC = {
     "name": "interrupts",
     "teacher": {"arch": {"name": "convnet", "args": {"width": 8, "depth": 1}},
                 "recipe": {"name": "digits", "epochs": 2}},
-    "student": {"arch": {"name": "convnet", "args": {"width": 4, "depth": 1}}},
+    # Epochs of ~0.6 s (a 4-channel student's take 0.1 s): a trial then lasts long enough for the
+    # SIGTERM below to land while its next epochs train.
+    "student": {"arch": {"name": "convnet", "args": {"width": 32, "depth": 2}}},
     "recipe": {"name": "digits", "epochs": EPOCHS},
     "search": {"recipe.lr": {"low": 0.0001, "high": 0.2, "log": True}},
     "sweep": {"num_trials": 4, "max_concurrent": 1, "confirm": {"top_k": 0},
