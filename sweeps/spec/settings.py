@@ -18,7 +18,7 @@ MAX_WORKERS_PER_TRIAL = 256
 MAX_EPOCH_COUNT = 100_000  # grace_period (epochs)
 MAX_RETRIES = 1_000  # max_failures, confirmation top_k and seeds, startup trials, bank views
 MAX_TIME_BUDGET_S = 366 * 86_400  # sweep.time_budget: a year; more is a typo
-MAX_CHECKPOINT_INTERVAL_S = 86_400  # sweep.checkpoint_interval and report_interval: a day
+MAX_INTERVAL_S = 86_400  # sweep.checkpoint_interval and report_interval: a day
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3_600, "d": 86_400}  # "90s", "30m", "2h", "1d"
 
 
@@ -120,13 +120,13 @@ class SweepSettings(Strict):
     #: every epoch. The last epoch and the epochs where the scheduler may stop a trial are always
     #: checkpointed. A trial resumed after a crash or an interruption retrains the epochs since its
     #: last checkpoint (at most this long); every epoch is still logged to MLflow once.
-    checkpoint_interval: Annotated[float, BeforeValidator(seconds), Field(ge=0, le=MAX_CHECKPOINT_INTERVAL_S)] = 60.0
+    checkpoint_interval: Annotated[float, BeforeValidator(seconds), Field(ge=0, le=MAX_INTERVAL_S)] = 60.0
     #: Seconds (or "30s") between a trial's results to Tune (its live progress, result.json,
     #: Optuna's intermediate values); 0: every epoch. Every checkpoint, the last epoch and the
     #: epochs where the scheduler may stop a trial are always reported, with `training_iteration`
     #: the epoch; MLflow gets every epoch whatever this is. Each result costs the driver, Ray and
     #: the trial some milliseconds of CPU: on epochs of a fraction of a second, a tenth of it.
-    report_interval: Annotated[float, BeforeValidator(seconds), Field(ge=0, le=MAX_CHECKPOINT_INTERVAL_S)] = 5.0
+    report_interval: Annotated[float, BeforeValidator(seconds), Field(ge=0, le=MAX_INTERVAL_S)] = 5.0
     sampler: SamplerSpec = Field(default_factory=SamplerSpec)
     scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec)
     confirm: ConfirmSpec = Field(default_factory=ConfirmSpec)
