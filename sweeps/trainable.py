@@ -101,7 +101,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
                 resume = load_checkpoint(directory)
         if group is not None:
             run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
-        cpu = time.thread_time(), time.process_time()
+        thread_cpu, process_cpu = time.thread_time(), time.process_time()
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
                     EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval,
@@ -110,9 +110,10 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
                     data_parallel=parallel, **options)
         finally:
             # CPU while it trained: of the training thread, and of the actor's other threads
-            # (reporting, MLflow's writer, Ray's own), which take it from the same CPUs.
-            times.add("fit_cpu", time.thread_time() - cpu[0])
-            times.add("other_threads_cpu", time.process_time() - cpu[1] - (time.thread_time() - cpu[0]))
+            # (reporting, Ray's own), which take it from the same CPUs.
+            thread_cpu = time.thread_time() - thread_cpu
+            times.add("fit_cpu", thread_cpu)
+            times.add("other_threads_cpu", time.process_time() - process_cpu - thread_cpu)
             # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
             with contextlib.suppress(MlflowException):
                 run.log_metrics(times.metrics(), step=run.epochs_done)
