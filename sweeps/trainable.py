@@ -13,6 +13,7 @@ epoch trains, with a checkpoint when one is due (`sweeps.reporting.EpochReporter
 from __future__ import annotations
 
 import contextlib
+import functools
 import time
 from pathlib import Path
 from typing import Any
@@ -73,11 +74,12 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
         plan = resolve_trial(spec, config)
     device = spec.sweep.device
     opening = time.perf_counter()
+    stop_requested = functools.partial(interruption, Path(context.storage) / context.name)
     with child_run(
         tracker, context.parent_run_id, role="trial", key_tag=tags.TRIAL_ID, key=trial_id,
         name=f"trial-{trial_id}", epochs=plan.recipe.epochs, params=trial_params(spec, plan),
         run_tags={tags.NODE_IP: ray.util.get_node_ip_address()},
-        stopped_by=lambda: interruption(Path(context.storage) / context.name),
+        stopped_by=stop_requested,
     ) as run:
         times.add("mlflow_open", time.perf_counter() - opening)
         with times.phase("data"):
@@ -105,7 +107,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
                     EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval,
-                                  spec.sweep.report_interval) as reporter:
+                                  spec.sweep.report_interval, stop_requested) as reporter:
                 fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
                     data_parallel=parallel, **options)
         finally:

@@ -26,6 +26,11 @@ from tests.test_data_parallel import EPOCHS, TOLERANCE
 #: A rate at which two digits epochs are not chaotic: at 0.05 the assistant's first epoch moves
 #: by 1.5e-4 when its initial weights are scaled by 1 + 1e-6, at 0.02 by 3e-7.
 LR = 0.02
+#: Student seeds at which LR is not chaotic either (trial SEED, confirmation SEED + 1): scaled
+#: the same way, the first epoch's train loss moved by 7e-4 (seed 0) and 3e-4 (seed 1) on an
+#: AVX-512 CPU, as much at rate 0.005, where the DDP runs differed from one process by as much;
+#: by 1e-7 and 4e-7 at seeds 2 and 3.
+SEED = 2
 SPEC = {
     "name": "ddp_stages",
     "teacher": {"arch": {"name": "convnet_gn", "args": {"width": 8}}, "recipe": {"name": "digits", "epochs": EPOCHS, "lr": LR}},
@@ -36,7 +41,7 @@ SPEC = {
     "recipe": {"name": "digits", "epochs": EPOCHS, "lr": LR},
     "search": {"recipe.lr": {"low": 0.01, "high": 0.03}},
     # the teacher cache off: the single-process runs below compute the teacher's logits as they go
-    "sweep": {"num_trials": 1, "cpus_per_trial": 2, "workers_per_trial": 2, "initial_points": [{"recipe.lr": LR}],
+    "sweep": {"seed": SEED, "num_trials": 1, "cpus_per_trial": 2, "workers_per_trial": 2, "initial_points": [{"recipe.lr": LR}],
               "confirm": {"top_k": 1, "seeds": 1}, "teacher_cache": {"enabled": False}},
     "tracking": {"experiment": "ddp_stages", "registered_model": "ddp_stages"},
 }

@@ -68,6 +68,26 @@ def _trial_run(config: dict[str, Any], trial_id: str) -> TrackedRun:
                                                   trial_id, {}, {}))
 
 
+def _tune_fit(trainable: Any, config: dict[str, Any], tmp_path: Path, num_cpus: int, tune_config: Any,
+              **run_config: Any) -> Any:
+    """`trainable` over `config` with real Tune on a Ray of `num_cpus` CPUs (started here and shut
+    down after, unless one runs already): its `ResultGrid`, with no trial errors."""
+    import ray
+    from ray import tune
+
+    from cluster.session import init_ray
+
+    started = init_ray(None, num_cpus=num_cpus)
+    try:
+        results = tune.Tuner(trainable, param_space=config, tune_config=tune_config, run_config=tune.RunConfig(
+            storage_path=str(tmp_path / "storage"), verbose=0, **run_config)).fit()
+    finally:
+        if started:
+            ray.shutdown()
+    assert not results.errors
+    return results
+
+
 def _reported_trial(config: dict[str, Any]) -> None:
     """A Tune trial whose "training" is a loop of epochs through `EpochReporter`, recording what it trained."""
     from ray import tune
@@ -94,11 +114,9 @@ def test_tune_sees_its_epochs_once_and_a_stopped_trial_trains_no_further(tmp_pat
     """Every epoch (interval 0) or only the decision epochs and the last (an interval longer
     than the trial) reach Tune, as `training_iteration` = epoch; ASHA stops the weak trials at a
     rung, where they stopped training; MLflow has every epoch trained, once."""
-    import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from cluster.session import init_ray
     from sweeps.callbacks import JsonResults
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
@@ -106,19 +124,9 @@ def test_tune_sees_its_epochs_once_and_a_stopped_trial_trains_no_further(tmp_pat
     decisions = frozenset({1, 2, 4})  # ASHA(max_t=8, grace 1, factor 2) without the last epoch
     config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 8, "decisions": decisions,
               "interval": interval, "quality": tune.grid_search([1.0, 0.1, 0.5, 0.05])}
-    started = init_ray(None, num_cpus=2)
-    try:
-        results = tune.Tuner(
-            _reported_trial, param_space=config,
-            tune_config=tune.TuneConfig(metric="score", mode="max", max_concurrent_trials=1, reuse_actors=True,
-                                        scheduler=ASHAScheduler(max_t=8, grace_period=1, reduction_factor=2)),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="reporting", verbose=0,
-                                      callbacks=[JsonResults()]),
-        ).fit()
-    finally:
-        if started:
-            ray.shutdown()
-    assert not results.errors
+    results = _tune_fit(_reported_trial, config, tmp_path, 2, tune.TuneConfig(
+        metric="score", mode="max", max_concurrent_trials=1, reuse_actors=True,
+        scheduler=ASHAScheduler(max_t=8, grace_period=1, reduction_factor=2)), name="reporting", callbacks=[JsonResults()])
     stopped = 0
     for result in results:
         reported = int(result.metrics["training_iteration"])
@@ -135,6 +143,43 @@ def test_tune_sees_its_epochs_once_and_a_stopped_trial_trains_no_further(tmp_pat
         assert checkpoint["epoch"] == reported
         torch.testing.assert_close(checkpoint["weight"], torch.full((3,), float(reported)))
     assert stopped >= 2  # the two weakest trials were stopped at a rung
+
+
+def _stopping_trial(config: dict[str, Any]) -> None:
+    """A Tune trial with a report interval longer than itself, whose driver starts stopping the
+    sweep (`stop_requested` names a reason) once it has trained `stop_at` epochs."""
+    from ray import tune
+
+    trial_id = tune.get_context().get_trial_id()
+    run = _trial_run(config, trial_id)
+    trained = Path(config["log"]) / "trained.json"
+    epochs: list[int] = []
+
+    def stop_requested() -> str | None:
+        return "the sweep was cancelled" if len(epochs) >= config["stop_at"] else None
+
+    with EpochReporter(run, {}, frozenset(), PhaseTimes(), 3600.0, 3600.0, stop_requested) as reporter:
+        for epoch in range(1, config["epochs"] + 1):
+            epochs.append(epoch)
+            trained.write_text(json.dumps(epochs))
+            reporter(EpochReport(epoch, {"score": float(epoch)}, epoch == config["epochs"],
+                                 lambda epoch=epoch: {"epoch": epoch}))
+    run.flush()
+
+
+def test_a_stop_request_reaches_tune_within_an_epoch(tmp_path) -> None:
+    """A trial that would report only its last epoch reports at once when its driver is stopping
+    the sweep (cancel, SIGTERM), so Tune stops it there: here, a stopper at that epoch."""
+    from ray import tune
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
+    parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
+    config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 8, "stop_at": 3}
+    results = _tune_fit(_stopping_trial, config, tmp_path, 1, tune.TuneConfig(metric="score", mode="max"),
+                        name="stopping", stop={"training_iteration": 3})
+    (result,) = results
+    assert result.metrics["training_iteration"] == 3
+    assert json.loads((tmp_path / "trained.json").read_text()) == [1, 2, 3]  # no epoch past the stop
 
 
 def _sparse_trial(config: dict[str, Any]) -> None:
@@ -166,29 +211,17 @@ def test_checkpoints_follow_the_interval_and_a_retry_retrains_from_the_last(tmp_
     """With an interval longer than the trial, only the decision epochs and the last are
     checkpointed; Tune and MLflow still get every epoch, and a trial that fails after an epoch
     with no checkpoint retrains from the last one, logging each epoch once."""
-    import ray
     from ray import tune
 
-    from cluster.session import init_ray
     from sweeps.callbacks import JsonResults
 
     tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db")
     parent = tracker.start_sweep(tracker.experiment_id("reporting"), "reporting", {})
     config = {"uri": tracker.uri, "parent": parent, "log": str(tmp_path), "epochs": 7, "decisions": frozenset({3}),
               "interval": 3600.0, "fail_after": 5}
-    started = init_ray(None, num_cpus=1)
-    try:
-        results = tune.Tuner(
-            _sparse_trial, param_space=config,
-            tune_config=tune.TuneConfig(metric="val_acc", mode="max"),
-            run_config=tune.RunConfig(storage_path=str(tmp_path / "storage"), name="sparse", verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[JsonResults()]),  # the sweep's result.json, restart-safe
-        ).fit()
-    finally:
-        if started:
-            ray.shutdown()
-    assert not results.errors
+    results = _tune_fit(_sparse_trial, config, tmp_path, 1, tune.TuneConfig(metric="val_acc", mode="max"),
+                        name="sparse", failure_config=tune.FailureConfig(max_failures=1),
+                        callbacks=[JsonResults()])  # the sweep's result.json, restart-safe
     (result,) = results
     attempts = json.loads((tmp_path / "attempts.json").read_text())
     assert attempts == [{"resumed_from": 0, "epochs": [1, 2, 3, 4, 5]},
