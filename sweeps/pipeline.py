@@ -6,6 +6,8 @@ store's lock, after its own parents, as a tracked MLflow run) and build the dist
 from __future__ import annotations
 
 import contextlib
+import functools
+import gc
 import json
 import logging
 import os
@@ -96,12 +98,23 @@ def trial_resources(settings: SweepSettings) -> Any:
 
 
 def worker_setup(spec: SweepSpec, *, driver: bool = False) -> None:
-    """What every process that trains does first: import the spec's plugins and give torch one
+    """What every process that trains does first: import the spec's plugins, give torch one
     thread per CPU of a worker (`sweep.resources_per_worker`: a trial's share per DDP rank), or
-    of the machine in the `driver`."""
+    of the machine in the `driver`, and in a worker keep its imports out of garbage collection."""
     load_plugins(spec.plugins)
     cpus = os.cpu_count() if driver else spec.sweep.resources_per_worker["CPU"]
     torch.set_num_threads(max(1, int(cpus or 1)))
+    if not driver:
+        _freeze_imports()
+
+
+@functools.cache  # once per process: a later call would also freeze the garbage of earlier trials
+def _freeze_imports() -> None:
+    """The objects alive after a worker's imports (torch, MLflow, Ray: half a million modules,
+    functions, classes and their data) move to the garbage collector's permanent generation:
+    each full collection while training then skips them, 0.06 s instead of 0.3 s in a trial's
+    actor, every few trials."""
+    gc.freeze()
 
 
 def load_dataset(data: dict[str, Any], device: str = "cpu") -> Dataset:

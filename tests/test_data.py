@@ -258,3 +258,29 @@ def test_augmentation_is_seeded_and_eval_is_plain_normalisation() -> None:
     assert torch.equal(none_train(images, torch.Generator().manual_seed(5)), plain)
     torch.testing.assert_close(plain, (images.float() / 255 - torch.tensor([0.5, 0.4, 0.3]).view(3, 1, 1))
                                / torch.tensor([0.2, 0.25, 0.3]).view(3, 1, 1))
+
+
+def test_digits_are_scikit_learns_read_without_importing_it(monkeypatch) -> None:
+    """The digits file is read directly (a trial's actor does not pay scikit-learn's import) and
+    holds exactly `load_digits()`'s arrays; without the file, `load_digits` itself is used."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from sklearn.datasets import load_digits
+
+    from kd_core.data.digits import digits_arrays
+
+    bunch = load_digits()
+    images, labels = digits_arrays()
+    np.testing.assert_array_equal(images, bunch.images)
+    np.testing.assert_array_equal(labels, bunch.target)
+    assert labels.dtype == bunch.target.dtype
+    imported = subprocess.run(
+        [sys.executable, "-c", "import sys; from kd_core.data import DATASETS; DATASETS.get('digits')(); "
+                               "print('sklearn' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    fallback_images, fallback_labels = digits_arrays()
+    np.testing.assert_array_equal(fallback_images, bunch.images)
+    np.testing.assert_array_equal(fallback_labels, bunch.target)

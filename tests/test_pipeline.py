@@ -79,3 +79,29 @@ def test_a_damaged_teacher_is_trained_again_by_a_later_sweep(sweep, tmp_path, ho
     (aside,) = [p for p in (tmp_path / "stages").iterdir() if ".corrupt-" in p.name]
     assert (aside / "damage.txt").exists()
     assert StageStore(tmp_path).get(teacher.key) is not None
+
+
+def test_a_worker_keeps_its_imports_out_of_garbage_collection_once(spec_dict) -> None:
+    """`worker_setup` freezes what a worker's imports made, once per process (later trials'
+    garbage stays collectable); the driver's objects are left alone. In a subprocess: freezing
+    is for the whole process."""
+    import json
+    import subprocess
+    import sys
+
+    script = f"""
+import gc, json
+from sweeps.pipeline import worker_setup
+from sweeps.spec import parse_spec
+spec = parse_spec(json.loads({json.dumps(spec_dict)!r}))
+worker_setup(spec, driver=True)
+driver = gc.get_freeze_count()
+worker_setup(spec)
+first = gc.get_freeze_count()
+garbage = [[] for _ in range(1000)]
+worker_setup(spec)
+print(driver, first, gc.get_freeze_count())
+"""
+    counts = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    driver, first, again = map(int, counts.stdout.split())
+    assert driver == 0 and first > 100_000 and again == first
