@@ -44,23 +44,24 @@ class EpochReporter:
     stop the trial, so a stopped trial's checkpoint holds its end), when a stop is requested, and
     once `checkpoint_interval` seconds have passed since the previous one (0: every epoch).
     Writing one costs a state copy on the training thread, a file and Tune's copy of it to
-    storage: per epoch, that was a tenth of a short epoch's time. The checkpoint is of the state when the epoch ended
-    (`EpochReport.frozen`), so resume is exact; MLflow holds every epoch up to a checkpoint
-    before Tune has it, so a trial resumed from it leaves no epoch unlogged.
+    storage: per epoch, that was a tenth of a short epoch's time. The checkpoint is of the state
+    when the epoch ended (`EpochReport.frozen`), so resume is exact; MLflow holds every epoch up
+    to a checkpoint before Tune has it, so a trial resumed from it leaves no epoch unlogged.
 
     A result to Tune is due with every checkpoint, once `report_interval` seconds have passed
-    since the previous result (0: every epoch), and at once when `stop_requested()` names a reason
-    (the driver is stopping the sweep: a result is where Tune can stop the trial, so the stop
-    lands within an epoch instead of a report interval); its `training_iteration` is the epoch
-    (Tune keeps a value the trainable reports), so the scheduler's rungs and every count of epochs done stay
-    in epochs. Each result costs milliseconds of CPU in the trial, Ray and the driver (searcher,
-    scheduler, callbacks): on sub-second epochs, several percent of the training's CPU.
+    since the previous result (0: every epoch), and at once when `stop_requested()` names a
+    reason (the driver is stopping the sweep: a result is where Tune can stop the trial, so the
+    stop lands within an epoch instead of a report interval). Its `training_iteration` is the
+    epoch (Tune keeps a value the trainable reports), so the scheduler's rungs and every count
+    of epochs done stay in epochs. Each result costs milliseconds of CPU in the trial, Ray and
+    the driver (searcher, scheduler, callbacks): on sub-second epochs, several percent of the
+    training's CPU.
 
     At most one epoch is in flight: a call first waits for the previous epoch's report. After
     decision epochs, a stop request and the last epoch it waits for Tune's answer at once, so a
-    stopped trial trains no epoch past its stop and a reused actor is free at once. Whatever the reporting
-    thread raised (SystemExit: Tune stopped the trial) is raised in the training thread at the
-    next call, or on leaving the `with` block unless the block itself raised.
+    stopped trial trains no epoch past its stop and a reused actor is free at once. Whatever the
+    reporting thread raised (SystemExit: Tune stopped the trial) is raised in the training
+    thread at the next call, or on leaving the `with` block unless the block itself raised.
     """
 
     def __init__(self, run: TrackedRun, extra_metrics: dict[str, float], decisions: Collection[int],
