@@ -23,7 +23,7 @@ from mlflow.exceptions import MlflowException
 from ray import tune
 
 from kd_core.cost import LatencyProtocol, measure_costs
-from kd_core.train import fit, load_checkpoint
+from kd_core.train import EpochReport, fit, load_checkpoint
 from sweeps import tags
 from sweeps.child_runs import child_run
 from sweeps.data_parallel import WorkerGroup, worker_group
@@ -104,18 +104,30 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
         if group is not None:
             run.set_tags({tags.WORKER_IPS: ",".join(group.node_ips())})
         thread_cpu, process_cpu = time.thread_time(), time.process_time()
+
+        def log_times() -> None:
+            # CPU while it trained: of the training thread, and of the actor's other threads
+            # (reporting, Ray's own), which take it from the same CPUs.
+            fit_cpu = time.thread_time() - thread_cpu
+            other_cpu = time.process_time() - process_cpu - fit_cpu
+            # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
+            with contextlib.suppress(MlflowException):
+                run.log_metrics({**times.metrics(), "time_fit_cpu": fit_cpu, "time_other_threads_cpu": other_cpu},
+                                step=run.epochs_done)
+
+        def on_epoch(report: EpochReport) -> None:
+            if report.is_last:
+                # Once Tune has the last result it may stop the trial and end its actor at once,
+                # before the `finally` below has run: the times so far go first.
+                reporter.wait()
+                log_times()
+            reporter(report)
+
         try:
             with group.trial(config, spec.sweep.seed, resume) if group else contextlib.nullcontext() as parallel, \
                     EpochReporter(run, costs, decision_epochs(spec), times, spec.sweep.checkpoint_interval,
                                   spec.sweep.report_interval, stop_requested) as reporter:
-                fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=reporter, resume=resume,
+                fit(distiller, data, plan.recipe, seed=spec.sweep.seed, callback=on_epoch, resume=resume,
                     data_parallel=parallel, **options)
         finally:
-            # CPU while it trained: of the training thread, and of the actor's other threads
-            # (reporting, Ray's own), which take it from the same CPUs.
-            thread_cpu = time.thread_time() - thread_cpu
-            times.add("fit_cpu", thread_cpu)
-            times.add("other_threads_cpu", time.process_time() - process_cpu - thread_cpu)
-            # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
-            with contextlib.suppress(MlflowException):
-                run.log_metrics(times.metrics(), step=run.epochs_done)
+            log_times()  # all of them, the last report's included, at the last epoch logged

@@ -26,10 +26,10 @@ from tests.test_data_parallel import EPOCHS, TOLERANCE
 #: A rate at which two digits epochs are not chaotic: at 0.05 the assistant's first epoch moves
 #: by 1.5e-4 when its initial weights are scaled by 1 + 1e-6, at 0.02 by 3e-7.
 LR = 0.02
-#: Student seeds at which LR is not chaotic either (trial SEED, confirmation SEED + 1): scaled
-#: the same way, the first epoch's train loss moved by 7e-4 (seed 0) and 3e-4 (seed 1) on an
-#: AVX-512 CPU, as much at rate 0.005, where the DDP runs differed from one process by as much;
-#: by 1e-7 and 4e-7 at seeds 2 and 3.
+#: Student seeds at which LR is not chaotic either (the trial trains with SEED, the confirmation
+#: with SEED + 1): scaled the same way, the student's first-epoch train loss moved by 7e-4 at
+#: seed 0 and 3e-4 at seed 1 on an AVX-512 CPU (as much at rate 0.005), about what the DDP
+#: confirmation differed from one process by; at seeds 2 and 3, by 1e-7 and 4e-7.
 SEED = 2
 SPEC = {
     "name": "ddp_stages",
