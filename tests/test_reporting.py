@@ -180,6 +180,7 @@ def test_a_stop_request_reaches_tune_within_an_epoch(tmp_path) -> None:
     (result,) = results
     assert result.metrics["training_iteration"] == 3
     assert json.loads((tmp_path / "trained.json").read_text()) == [1, 2, 3]  # no epoch past the stop
+    assert load_checkpoint(result.checkpoint.path)["epoch"] == 3  # the stop's epoch came with a checkpoint
 
 
 def _sparse_trial(config: dict[str, Any]) -> None:
