@@ -38,9 +38,10 @@ class PhaseTimes:
         finally:
             self.add(name, time.perf_counter() - started)
 
-    def metrics(self) -> dict[str, float]:
-        """{"time_<phase>": seconds}: a trial run's MLflow metrics of its overhead breakdown."""
-        return {f"time_{name}": seconds for name, seconds in self.seconds.items()}
+    def metrics(self, **more: float) -> dict[str, float]:
+        """{"time_<phase>": seconds}, with `more` phases measured so far but not added: a trial
+        run's MLflow metrics of its overhead breakdown."""
+        return {f"time_{name}": seconds for name, seconds in {**self.seconds, **more}.items()}
 
     def since(self, earlier: dict[str, float]) -> dict[str, float]:
         """Seconds per phase added after `earlier` (a copy of `seconds`)."""

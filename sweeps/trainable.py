@@ -112,8 +112,7 @@ def _train_trial(config: dict[str, Any], context: SweepContext, group: WorkerGro
             other_cpu = time.process_time() - process_cpu - fit_cpu
             # Diagnostics, not results: a stopped trial's run may be closed by the driver already.
             with contextlib.suppress(MlflowException):
-                run.log_metrics({**times.metrics(), "time_fit_cpu": fit_cpu, "time_other_threads_cpu": other_cpu},
-                                step=run.epochs_done)
+                run.log_metrics(times.metrics(fit_cpu=fit_cpu, other_threads_cpu=other_cpu), step=run.epochs_done)
 
         def on_epoch(report: EpochReport) -> None:
             if report.is_last:
