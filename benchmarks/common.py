@@ -37,9 +37,22 @@ def generated_cifar(train: int, classes: int = 100, held_out: int = 1000, seed: 
                    split(held_out, normalize), split(held_out, normalize), num_classes=classes, in_channels=3)
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; `platform.processor()` elsewhere): CPU figures
+    move with it, several-fold between the machines this project runs on."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def environment(device: torch.device | str = "cpu") -> dict[str, Any]:
     device = torch.device(device)
     return {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+            "cpu_model": cpu_model(),
             "torch_threads": torch.get_num_threads(),
             "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None}
 

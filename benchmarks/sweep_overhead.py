@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 import psutil
 import ray
-from common import environment, write_json
+from common import cpu_model, environment, write_json
 
 from cluster.session import init_ray
 from sweeps.runner import WORKER_ENV, run_sweep
@@ -263,7 +263,8 @@ def main() -> None:
     ratio = outcome.tune_seconds / direct_wall
     student = preset["student"]
     print(f"{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, 1 CPU each "
-          f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), {os.cpu_count()} CPUs")
+          f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), "
+          f"{os.cpu_count()} CPUs ({cpu_model()})")
     print(f"mean of the direct fit times:            {sum(fit_seconds) / len(fit_seconds):8.1f} s")
     print(f"mean CPU of a direct fit's `fit`:         {sum(fit_cpu) / len(fit_cpu):8.1f} s")
     print(f"direct fits, {args.concurrent} processes, before the sweep: {direct_before:8.1f} s (wall)")
