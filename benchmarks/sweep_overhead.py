@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 import psutil
 import ray
-from common import cpu_model, environment, write_json
+from common import environment, write_json
 
 from cluster.session import init_ray
 from sweeps.runner import WORKER_ENV, run_sweep
@@ -261,10 +261,10 @@ def main() -> None:
     fit_seconds = [wall for wall, _ in fits_before + fits_after]
     fit_cpu = [cpu for _, cpu in fits_before + fits_after]
     ratio = outcome.tune_seconds / direct_wall
-    student = preset["student"]
+    student, machine = preset["student"], environment()
     print(f"{args.trials} trials x {args.epochs} epochs, {args.concurrent} at a time, 1 CPU each "
           f"(KD, convnet {student['width']}x{student['depth']} student on {args.dataset}), "
-          f"{os.cpu_count()} CPUs ({cpu_model()})")
+          f"{machine['cpus']} CPUs ({machine['cpu_model']})")
     print(f"mean of the direct fit times:            {sum(fit_seconds) / len(fit_seconds):8.1f} s")
     print(f"mean CPU of a direct fit's `fit`:         {sum(fit_cpu) / len(fit_cpu):8.1f} s")
     print(f"direct fits, {args.concurrent} processes, before the sweep: {direct_before:8.1f} s (wall)")
@@ -294,7 +294,7 @@ def main() -> None:
           + ", ".join(f"{name} {seconds:.1f} s" for name, seconds in steal.items()))
     print(f"\nsweep trial phase / direct fits: {ratio:.3f}  (target <= 1.10; <= 1.05 with Fashion-MNIST epochs)")
     write_json(f"sweep_overhead_{args.dataset}", {
-        "config": vars(args), "environment": environment(), "points": points, "fit_seconds": fit_seconds,
+        "config": vars(args), "environment": machine, "points": points, "fit_seconds": fit_seconds,
         "fit_cpu_seconds": fit_cpu,
         "direct_wall_before": direct_before, "direct_wall_after": direct_after, "direct_wall": direct_wall,
         "steal_seconds": steal,
